@@ -1,0 +1,259 @@
+"""Saving and loading factorized models through plain `save_pretrained` / `AutoModel*.from_pretrained`.
+
+`import hf_lowrank` registers the `hf_lowrank` quantization method with transformers. A factorized model's
+`config.json` then carries `quantization_config = {"quant_method": "hf_lowrank", "rank_pattern": {...}}`,
+and on load the quantizer rebuilds the factorized modules (on the meta device) before the weights load.
+Safetensors only: loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .inject import replace_module
+from .layers import LowRankLinear, linear_shape
+
+QUANT_METHOD = "hf_lowrank"
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@register_quantization_config(QUANT_METHOD)
+class LowRankQuantizationConfig(QuantizationConfigMixin):
+    """What `config.json` records about a factorized model.
+
+    Args:
+        rank_pattern: module name → rank held now.
+        sigma_layers: module names that hold a separate `S` (r×r) factor.
+        trainable: module name → factors that train (`"U"`, `"S"`, `"V"`).
+        lowrank_config: the `LowRankConfig` used for training, as a dict.
+    """
+
+    def __init__(self, rank_pattern: Optional[dict] = None, sigma_layers: Optional[list] = None,
+                 trainable: Optional[dict] = None, lowrank_config: Optional[dict] = None,
+                 hf_lowrank_version: Optional[str] = None, **kwargs):
+        self.quant_method = QUANT_METHOD
+        self.rank_pattern = dict(rank_pattern or {})
+        self.sigma_layers = sorted(sigma_layers or [])
+        self.trainable = dict(trainable or {})
+        self.lowrank_config = dict(lowrank_config or {})
+        self.hf_lowrank_version = hf_lowrank_version or _version()
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "LowRankQuantizationConfig":
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+        config = getattr(model, "lowrank_config", None)
+        return cls(
+            rank_pattern={n: m.rank for n, m in layers.items()},
+            sigma_layers=[n for n, m in layers.items() if m.S is not None],
+            trainable={n: m.trainable_factors() for n, m in layers.items()},
+            lowrank_config=config.to_dict() if config is not None else {},
+        )
+
+
+def sync_quantization_config(model: nn.Module) -> None:
+    """Record the model's current ranks in `model.config` so `save_pretrained` (and every Trainer
+    checkpoint) writes them; a model with no factorized layer left is saved as a plain dense model."""
+    if not any(isinstance(m, LowRankLinear) for m in model.modules()):
+        remove_quantization_config(model)
+        return
+    quant = LowRankQuantizationConfig.from_model(model)
+    model.config.quantization_config = quant
+    model.hf_quantizer = LowRankHfQuantizer(quant, pre_quantized=True)
+    # transformers refuses `.float()`/`.half()` on "quantized" models; ours are ordinary float modules.
+    model.is_quantized = False
+
+
+def remove_quantization_config(model: nn.Module) -> None:
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def _checkpoint_shapes(checkpoint_files) -> dict[str, tuple]:
+    """Tensor shapes from safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in checkpoint_files or []:
+        if not str(path).endswith(".safetensors"):
+            raise ValueError(f"hf_lowrank models load from safetensors only; found {path}.")
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def _runtime_names(model: nn.Module, saved_keys) -> dict[str, str]:
+    """Map saved tensor names to the model's runtime names. transformers 5 renames some modules on load
+    (ViT: `encoder.layer.N.attention.attention.query` → `layers.N.attention.q_proj`); use its own mapping."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        meta = model.state_dict()
+        prefix = getattr(model, "base_model_prefix", None)
+        return {key: rename_source_key(key, renamings, converters, prefix, meta)[0] for key in saved_keys}
+    except Exception:  # internals moved: fall back to the names as saved
+        return {key: key for key in saved_keys}
+
+
+def _check_saved_shapes(model: nn.Module, checkpoint_files) -> None:
+    """Fail clearly when config.json's ranks disagree with the factors stored in the weights file."""
+    shapes = _checkpoint_shapes(checkpoint_files)
+    if not shapes:
+        return
+    saved = {runtime: shapes[key] for key, runtime in _runtime_names(model, shapes).items()}
+    for name, module in model.named_modules():
+        if not isinstance(module, LowRankLinear):
+            continue
+        for factor in module.factor_names():
+            expected = tuple(getattr(module, factor).shape)
+            found = saved.get(f"{name}.{factor}")
+            if found is None:
+                raise ValueError(f"config.json says {name} is factorized at rank {module.rank}, but the weights "
+                                 f"file holds no {factor} factor for it: the directory is inconsistent.")
+            if found != expected:
+                raise ValueError(f"config.json records rank {module.rank} for {name}, so {factor} should be "
+                                 f"{expected}, but the weights file holds {found}. The directory is "
+                                 "inconsistent (config.json edited, or weights from another run).")
+
+
+@register_quantizer(QUANT_METHOD)
+class LowRankHfQuantizer(HfQuantizer):
+    """Rebuilds factorized modules before transformers loads the weights."""
+
+    requires_calibration = False
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        cfg = self.quantization_config
+        for name, rank in cfg.rank_pattern.items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"config.json records a factorized layer {name!r} that {type(model).__name__} "
+                                 "does not have (saved by another transformers version?).") from None
+            n_in, n_out = linear_shape(module)
+            if not 0 <= rank <= min(n_in, n_out):
+                raise ValueError(f"config.json records rank {rank} for {name!r}, outside [0, {min(n_in, n_out)}].")
+            weight = module.weight
+            layer = LowRankLinear(n_in, n_out, rank, has_sigma=name in cfg.sigma_layers,
+                                  bias=module.bias is not None, fan_in_fan_out=not isinstance(module, nn.Linear),
+                                  trainable=cfg.trainable.get(name), device=weight.device, dtype=weight.dtype)
+            replace_module(model, name, layer)
+        _check_saved_shapes(model, checkpoint_files)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        from .config import LowRankConfig
+
+        if self.quantization_config.lowrank_config and getattr(model, "lowrank_config", None) is None:
+            model.lowrank_config = LowRankConfig.from_dict(self.quantization_config.lowrank_config)
+        model.is_quantized = False
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        return _merge_layers(model)
+
+    def is_serializable(self, safe_serialization=None):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+
+def _merge_layers(model: nn.Module) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LowRankLinear):
+            replace_module(model, name, module.to_dense())
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every factorized layer by its dense equivalent; the model then saves and loads anywhere,
+    without this package (no `quantization_config` is left in its config)."""
+    _merge_layers(model)
+    remove_quantization_config(model)
+    if hasattr(model, "lowrank_config"):
+        del model.lowrank_config
+    return model
+
+
+def read_saved_ranks(path: str) -> dict[str, int]:
+    """The `rank_pattern` recorded in a saved model or checkpoint directory (empty when dense)."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return {}
+    with open(config_path) as f:
+        quant = json.load(f).get("quantization_config") or {}
+    return dict(quant.get("rank_pattern", {})) if quant.get("quant_method") == QUANT_METHOD else {}
+
+
+def restructure_like_checkpoint(model: nn.Module, path: str) -> bool:
+    """Give `model` the factorized structure saved in `path` (before loading its weights into it).
+
+    Used when resuming: a model built dense (or at other ranks) gets the checkpoint's layers and shapes.
+    Returns True if anything changed.
+    """
+    with open(os.path.join(path, "config.json")) as f:
+        quant = json.load(f).get("quantization_config") or {}
+    if quant.get("quant_method") != QUANT_METHOD:
+        return False
+    cfg = LowRankQuantizationConfig(**{k: v for k, v in quant.items() if k != "quant_method"})
+    changed = False
+    for name, rank in cfg.rank_pattern.items():
+        module = model.get_submodule(name)
+        has_sigma = name in cfg.sigma_layers
+        if isinstance(module, LowRankLinear) and module.rank == rank and (module.S is not None) == has_sigma:
+            module.set_trainable(cfg.trainable.get(name, module.trainable_factors()))
+            continue
+        n_in, n_out = linear_shape(module)
+        ref = module.U if isinstance(module, LowRankLinear) else module.weight
+        layer = LowRankLinear(n_in, n_out, rank, has_sigma=has_sigma, bias=module.bias is not None,
+                              fan_in_fan_out=getattr(module, "fan_in_fan_out", not isinstance(module, nn.Linear)),
+                              trainable=cfg.trainable.get(name), device=ref.device, dtype=ref.dtype)
+        replace_module(model, name, layer)
+        changed = True
+    sync_quantization_config(model)
+    return changed
+
+
+def load_safetensors_weights(model: nn.Module, path: str) -> None:
+    """Strictly load `path`'s safetensors weights into `model` (shapes must already match)."""
+    from safetensors.torch import load_file
+
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and f.startswith("model"))
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(path, name)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
+    if missing or unexpected:
+        raise RuntimeError(f"Checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def checkpoint_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype

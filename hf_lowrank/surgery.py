@@ -1,0 +1,215 @@
+"""Applies a method's decision: swaps/re-factors layers, carries optimizer state into the new
+coordinates, broadcasts decisions from process 0, and re-prepares the model for the accelerator.
+
+Surgery never decides ranks; methods never touch the optimizer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .inject import replace_module
+from .layers import LowRankLinear, linear_shape
+from .methods.base import LayerChange
+
+# Optimizer state entries that transform like the gradient (first moments) or like its square.
+FIRST_MOMENTS = ("exp_avg", "momentum_buffer")
+SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
+
+
+def torch_optimizer(optimizer):
+    """The `torch.optim.Optimizer` inside an accelerate `AcceleratedOptimizer` (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def apply_changes(model: nn.Module, changes: list[LayerChange], optimizer=None) -> bool:
+    """Apply `changes` to `model` (and the optimizer's parameters and state, if given).
+
+    Returns True when parameters were created or changed shape, i.e. when a distributed wrapper must be
+    re-prepared. Rotations that keep every shape return False.
+    """
+    from .serialization import sync_quantization_config
+
+    opt = torch_optimizer(optimizer) if optimizer is not None else None
+    structural = False
+    for change in changes:
+        module = model.get_submodule(change.name)
+        if isinstance(module, LowRankLinear):
+            structural |= _refactor(module, change, opt)
+        else:
+            replace_module(model, change.name, _factorize(module, change, opt))
+            structural = True
+    if changes:
+        sync_quantization_config(model)
+    return structural
+
+
+def _factorize(module: nn.Module, change: LayerChange, opt) -> LowRankLinear:
+    """A `LowRankLinear` replacing a dense layer; the bias Parameter (and its optimizer state) is reused."""
+    n_in, n_out = linear_shape(module)
+    weight = module.weight
+    layer = LowRankLinear(n_in, n_out, change.rank, has_sigma=change.S is not None, bias=False,
+                          fan_in_fan_out=isinstance(module, Conv1D), trainable=change.trainable,
+                          device=weight.device, dtype=weight.dtype)
+    layer.set_factors(change.U, change.S, change.V)
+    layer.bias = module.bias
+    if opt is not None:
+        old_state = opt.state.pop(weight, None)
+        if old_state is not None:
+            old_state = {k: (v.t() if isinstance(module, Conv1D) and _is_matrix(v, weight) else v)
+                         for k, v in old_state.items()}
+        left = change.left if change.left is not None else change.U
+        right = change.right if change.right is not None else change.V
+        new_params = [getattr(layer, name) for name in layer.trainable_factors()]
+        _swap_in_groups(opt, weight, new_params)
+        for name, param in zip(layer.trainable_factors(), new_params):
+            state = _mapped_state(opt, {"W": old_state} if old_state else {}, name, left, right, param, dense=True)
+            if state:
+                opt.state[param] = state
+    return layer
+
+
+def _refactor(layer: LowRankLinear, change: LayerChange, opt) -> bool:
+    """New factors for an existing `LowRankLinear`; its Parameter objects stay (the optimizer keeps them)."""
+    old_shapes = {n: tuple(getattr(layer, n).shape) for n in layer.factor_names()}
+    before = {n: getattr(layer, n) for n in layer.trainable_factors()}
+    old_state = {}
+    if opt is not None:
+        old_state = {n: opt.state.pop(p) for n, p in before.items() if p in opt.state}
+    layer.set_factors(change.U, change.S, change.V)
+    layer.set_trainable(change.trainable)
+    if opt is not None:
+        newly_trainable = [getattr(layer, n) for n in layer.trainable_factors() if n not in before]
+        if newly_trainable:
+            anchor = next(iter(before.values()), layer.bias)
+            _swap_in_groups(opt, anchor, [anchor] + newly_trainable)
+        for name in layer.trainable_factors():
+            param = getattr(layer, name)
+            state = _mapped_state(opt, old_state, name, change.left, change.right, param, dense=False)
+            if state:
+                opt.state[param] = state
+        for name, param in before.items():
+            if not param.requires_grad:
+                _swap_in_groups(opt, param, [])
+    return any(tuple(getattr(layer, n).shape) != shape for n, shape in old_shapes.items())
+
+
+def _is_matrix(value, param) -> bool:
+    return torch.is_tensor(value) and value.dim() == 2 and value.shape == param.shape
+
+
+def _swap_in_groups(opt, old: torch.Tensor, new: list[torch.Tensor]) -> None:
+    """Put `new` where `old` sits in the optimizer's param groups (same lr, weight decay, betas)."""
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p is old:
+                group["params"][i:i + 1] = new
+                return
+    if new:
+        warnings.warn("hf_lowrank: a replaced weight was not in the optimizer; its factors are not trained by it.")
+
+
+_warned_reset = set()
+
+
+def _mapped_state(opt, old_state: dict, name: str, left, right, param, dense: bool) -> dict:
+    """Optimizer state of factor `name` in the new coordinates (see `LayerChange`)."""
+    source = old_state.get("W") if dense else old_state.get(name)
+    if not source:
+        return {}
+    if name == "V" and dense:
+        transform = lambda m, P, Q: m.t() @ P  # noqa: E731  ∂L/∂V = Gᵀ U
+    elif name == "V":
+        transform = lambda m, P, Q: m @ P  # noqa: E731
+    elif name == "U":
+        transform = lambda m, P, Q: m @ Q  # noqa: E731
+    else:
+        transform = lambda m, P, Q: P.t() @ m @ Q  # noqa: E731
+    if left is None or right is None:
+        raise ValueError(f"A change of factor {name!r} with optimizer state needs left/right coordinate maps.")
+    P, Q = left.float(), right.float()
+    state = {}
+    for key, value in source.items():
+        if not torch.is_tensor(value) or value.dim() == 0:
+            state[key] = value  # step counters and scalars: keep (moments are carried, not reset)
+        elif key in FIRST_MOMENTS:
+            state[key] = transform(value.float(), P.to(value.device), Q.to(value.device)).to(value.dtype).contiguous()
+        elif key in SECOND_MOMENTS:
+            mapped = transform(value.float(), P.square().to(value.device), Q.square().to(value.device))
+            state[key] = mapped.clamp_min(0).to(value.dtype).contiguous()
+        else:
+            kind = type(opt).__name__
+            if kind not in _warned_reset:
+                _warned_reset.add(kind)
+                warnings.warn(f"hf_lowrank: {kind} keeps state {key!r} that cannot be carried into a new basis; "
+                              "the state of factorized layers is reset at rank changes. Adam, AdamW and SGD "
+                              "are carried over exactly.")
+            return {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+            raise RuntimeError(f"hf_lowrank: mapped optimizer state {key} has shape {tuple(value.shape)}, "
+                               f"expected {tuple(param.shape)}")
+    return state
+
+
+# --- many processes ---------------------------------------------------------------------------------
+_TENSOR_FIELDS = ("U", "S", "V", "left", "right")
+
+
+def broadcast_changes(changes: Optional[list[LayerChange]], device: torch.device) -> list[LayerChange]:
+    """Process 0's decision on every process (no-op when not distributed).
+
+    Process 0 passes its changes; the others pass None. Shapes and bookkeeping travel as a small object,
+    the factors as tensor broadcasts, so every process applies exactly the same numbers.
+    """
+    if not is_distributed():
+        return changes or []
+    rank = dist.get_rank()
+    meta = None
+    if rank == 0:
+        meta = [(c.name, c.trainable, c.info,
+                 {k: tuple(getattr(c, k).shape) for k in _TENSOR_FIELDS if getattr(c, k) is not None})
+                for c in changes]
+    box = [meta]
+    dist.broadcast_object_list(box, src=0)
+    result = []
+    for i, (name, trainable, info, shapes) in enumerate(box[0]):
+        tensors = {}
+        for key, shape in shapes.items():
+            if rank == 0:
+                tensor = getattr(changes[i], key).detach().to(device=device, dtype=torch.float32).contiguous()
+            else:
+                tensor = torch.empty(shape, device=device, dtype=torch.float32)
+            dist.broadcast(tensor, src=0)
+            tensors[key] = tensor
+        result.append(LayerChange(name, tensors["U"], tensors.get("S"), tensors["V"], tuple(trainable),
+                                  tensors.get("left"), tensors.get("right"), info))
+    return result
+
+
+def reprepare(accelerator, wrapped_model: nn.Module) -> nn.Module:
+    """Wrap the model anew for `accelerator` after its parameters changed.
+
+    Without it, DDP's reducer keeps syncing the old parameter list and new parameters silently stop being
+    synchronized across processes. Single-process runs need nothing and get `wrapped_model` back.
+    """
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise RuntimeError(f"hf_lowrank cannot change ranks under {kind.value}: use DDP (multi-GPU/multi-CPU).")
+    if accelerator.num_processes == 1 or kind == DistributedType.NO:
+        return wrapped_model
+    inner = accelerator.unwrap_model(wrapped_model, keep_fp32_wrapper=False)
+    accelerator._models = [m for m in accelerator._models if m is not wrapped_model and m is not inner]
+    return accelerator.prepare_model(inner)

@@ -1,0 +1,51 @@
+import os
+
+# Tripwire: nothing in the test suite may reach the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def tiny_gpt2(seed=0, **overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    kw = dict(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0)
+    kw.update(overrides)
+    return GPT2LMHeadModel(GPT2Config(**kw))
+
+
+def tiny_bert(seed=0, num_labels=3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=128,
+        max_position_embeddings=64, num_labels=num_labels))
+
+
+def tiny_vit(seed=0, num_labels=3):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    return ViTForImageClassification(ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
+        patch_size=4, num_channels=3, num_labels=num_labels))
+
+
+@pytest.fixture
+def gpt2():
+    return tiny_gpt2()
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A real English text file: docstrings of the installed standard library."""
+    from hf_lowrank.data import stdlib_docstrings
+
+    path = tmp_path_factory.mktemp("corpus") / "train.txt"
+    path.write_text(stdlib_docstrings(max_chars=120_000))
+    return path
