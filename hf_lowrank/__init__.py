@@ -7,13 +7,17 @@ Importing the package registers the `hf_lowrank` quantization method with transf
 __version__ = "0.1.0"
 
 from .config import LowRankConfig
+from .controller import LowRankController
 from .inject import get_lowrank_model
 from .layers import LowRankLinear
 from .serialization import LowRankHfQuantizer, LowRankQuantizationConfig, merge_and_unload
 from .summary import lowrank_summary
+from .trainer import LowRankTrainer
 
 __all__ = [
     "LowRankConfig",
+    "LowRankController",
+    "LowRankTrainer",
     "LowRankLinear",
     "LowRankQuantizationConfig",
     "LowRankHfQuantizer",

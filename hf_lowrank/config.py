@@ -82,6 +82,12 @@ class LowRankConfig:
     min_rank_fraction: float = field(
         default=0.01, metadata={"help": "OIALR: no layer is cut below this fraction of its full rank."}
     )
+    rotate_without_cut: bool = field(
+        default=False,
+        metadata={"help": "OIALR: also rotate the bases of layers whose rank does not change at an update (the "
+                  "reference code always rotates). Off by default: such a rotation leaves W unchanged but moves "
+                  "Adam's element-wise second moments into a basis where they no longer fit exactly."},
+    )
     progressive_rollout: float = field(
         default=0.0,
         metadata={"help": "OIALR: if > 0, each update cuts only the last k layers (output side first), "

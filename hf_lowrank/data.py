@@ -65,3 +65,19 @@ def write_stdlib_corpus(directory: str, max_train_chars: Optional[int] = None,
             f.write(stdlib_docstrings(cap, part))
         paths.append(path)
     return paths[0], paths[1]
+
+
+def train_tokenizer(files: list[str], vocab_size: int = 2048, model_max_length: int = 1024):
+    """A byte-level BPE tokenizer (GPT-2 style) trained on local text files; no download needed.
+
+    Returns a `PreTrainedTokenizerFast` with `<|endoftext|>` as bos/eos/pad token.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train(files=list(files), vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"],
+              show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   model_max_length=model_max_length)

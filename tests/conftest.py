@@ -13,7 +13,8 @@ def tiny_gpt2(seed=0, **overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    kw = dict(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0)
+    kw = dict(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0,
+              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     kw.update(overrides)
     return GPT2LMHeadModel(GPT2Config(**kw))
 
@@ -49,3 +50,27 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "train.txt"
     path.write_text(stdlib_docstrings(max_chars=120_000))
     return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(text_file):
+    from hf_lowrank.data import train_tokenizer
+
+    return train_tokenizer([str(text_file)], vocab_size=512)
+
+
+def lm_blocks(tokenizer, text, block_size=32, limit=None):
+    """A `datasets.Dataset` of consecutive `block_size`-token blocks (input_ids = labels)."""
+    from datasets import Dataset
+
+    ids = tokenizer(text)["input_ids"]
+    blocks = [ids[i:i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)][:limit]
+    return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+
+
+@pytest.fixture(scope="session")
+def lm_data(tokenizer, text_file):
+    """(train, eval) datasets of 32-token blocks from the real text file."""
+    text = text_file.read_text()
+    cut = int(len(text) * 0.9)
+    return lm_blocks(tokenizer, text[:cut]), lm_blocks(tokenizer, text[cut:], limit=64)

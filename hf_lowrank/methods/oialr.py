@@ -49,7 +49,7 @@ class OIALRMethod(Method):
 
     def initial_changes(self, model, targets):
         if self.config.delay_steps == 0:
-            return self._convert(model, targets)
+            return self._convert(model, self.converted_targets(targets))
         return []
 
     def is_due(self, step, total_steps):
@@ -58,10 +58,14 @@ class OIALRMethod(Method):
 
     def decide(self, model, targets, step, total_steps):
         names = self.converted_targets(targets)
-        if not any(isinstance(model.get_submodule(n), LowRankLinear) for n in names):
-            return self._convert(model, targets)
+        # Layers still dense (the conversion step, or an earlier conversion skipped on a failed SVD) convert
+        # now, cut by the same rule; converted layers get their basis update.
+        factored = [n for n in names if isinstance(model.get_submodule(n), LowRankLinear)]
+        changes = self._convert(model, [n for n in names if n not in factored])
         update_index = (step - self._delay(total_steps)) // self._every(total_steps)
-        return [c for n in self._rolled_out(names, update_index) if (c := self._rotate_and_cut(n, model.get_submodule(n)))]
+        rolled_out = self._rolled_out(names, update_index)
+        changes += [c for n in factored if n in rolled_out and (c := self._rotate_and_cut(n, model.get_submodule(n)))]
+        return changes
 
     def _rolled_out(self, names: list[str], update_index: int) -> list[str]:
         """With progressive rollout, update `index` touches only the last k layers (output side first)."""
@@ -71,12 +75,10 @@ class OIALRMethod(Method):
         k = min(len(names), max(1, math.ceil((update_index + 1) * fraction * len(names))))
         return names[len(names) - k:]
 
-    def _convert(self, model, targets) -> list[LayerChange]:
+    def _convert(self, model, names: list[str]) -> list[LayerChange]:
         changes = []
-        for name in self.converted_targets(targets):
+        for name in names:
             module = model.get_submodule(name)
-            if isinstance(module, LowRankLinear):
-                continue
             decomposition = svd_f32(dense_weight_of(module))
             if decomposition is None:
                 continue  # svd_f32 warned; this layer stays dense and is tried again at the next update
@@ -95,6 +97,8 @@ class OIALRMethod(Method):
             return None
         us, s, vsh = decomposition
         rank = oialr_rank(s, layer.rank, self.config.sigma_cutoff, self.config.max_cut_fraction, self._floor(layer))
+        if rank == layer.rank and not self.config.rotate_without_cut:
+            return None  # nothing to cut: keep Σ's coordinates, so the optimizer state stays exact
         P, Q = us[:, :rank], vsh[:rank].t()
         U = layer.U.detach().float() @ P
         V = layer.V.detach().float() @ Q
