@@ -80,28 +80,33 @@ def _factorize(module: nn.Module, change: LayerChange, opt) -> LowRankLinear:
 
 
 def _refactor(layer: LowRankLinear, change: LayerChange, opt) -> bool:
-    """New factors for an existing `LowRankLinear`; its Parameter objects stay (the optimizer keeps them)."""
-    old_shapes = {n: tuple(getattr(layer, n).shape) for n in layer.factor_names()}
-    before = {n: getattr(layer, n) for n in layer.trainable_factors()}
+    """New factors for an existing `LowRankLinear`. Factors that keep their shape keep their Parameter
+    objects; resized ones are new Parameters, swapped into the optimizer. Returns True if any was replaced."""
+    old_params = {n: getattr(layer, n) for n in layer.factor_names()}
     old_state = {}
     if opt is not None:
-        old_state = {n: opt.state.pop(p) for n, p in before.items() if p in opt.state}
-    layer.set_factors(change.U, change.S, change.V)
+        old_state = {n: opt.state.pop(p) for n, p in old_params.items() if p in opt.state}
+    replaced = layer.set_factors(change.U, change.S, change.V)
     layer.set_trainable(change.trainable)
-    if opt is not None:
-        newly_trainable = [getattr(layer, n) for n in layer.trainable_factors() if n not in before]
-        if newly_trainable:
-            anchor = next(iter(before.values()), layer.bias)
-            _swap_in_groups(opt, anchor, [anchor] + newly_trainable)
-        for name in layer.trainable_factors():
-            param = getattr(layer, name)
-            state = _mapped_state(opt, old_state, name, change.left, change.right, param, dense=False)
-            if state:
-                opt.state[param] = state
-        for name, param in before.items():
-            if not param.requires_grad:
-                _swap_in_groups(opt, param, [])
-    return any(tuple(getattr(layer, n).shape) != shape for n, shape in old_shapes.items())
+    if opt is None:
+        return replaced
+    optimized = {id(p) for group in opt.param_groups for p in group["params"]}
+    anchor = next((p for p in old_params.values() if id(p) in optimized), layer.bias)
+    for name, old in old_params.items():
+        new = getattr(layer, name)
+        if not new.requires_grad:
+            if id(old) in optimized:
+                _swap_in_groups(opt, old, [])
+            continue
+        if id(old) in optimized:
+            if new is not old:
+                _swap_in_groups(opt, old, [new])
+        else:
+            _insert_after(opt, anchor, new)
+        state = _mapped_state(opt, old_state, name, change.left, change.right, new, dense=False)
+        if state:
+            opt.state[new] = state
+    return replaced
 
 
 def _is_matrix(value, param) -> bool:
@@ -117,6 +122,16 @@ def _swap_in_groups(opt, old: torch.Tensor, new: list[torch.Tensor]) -> None:
                 return
     if new:
         warnings.warn("hf_lowrank: a replaced weight was not in the optimizer; its factors are not trained by it.")
+
+
+def _insert_after(opt, anchor: torch.Tensor, new: torch.Tensor) -> None:
+    """Add a newly trainable factor to the group of a sibling parameter of its layer."""
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p is anchor:
+                group["params"].insert(i + 1, new)
+                return
+    warnings.warn("hf_lowrank: a factor became trainable but no parameter of its layer is in the optimizer.")
 
 
 _warned_reset = set()
