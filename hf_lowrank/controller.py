@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Optional
 
 import torch
@@ -32,6 +33,7 @@ from .config import LowRankConfig
 from .inject import find_targets
 from .layers import LowRankLinear
 from .methods import get_method
+from .serialization import STRUCTURE_NAME, LowRankQuantizationConfig, restructure_like_checkpoint
 from .surgery import apply_changes, broadcast_changes, is_distributed, reprepare
 from .summary import lowrank_summary
 
@@ -76,6 +78,8 @@ class LowRankController:
         self.global_step = 0
         self.history: list[dict] = []
         self.started = False
+        # wall-clock spent in rank updates (decision, broadcast, surgery) and re-prepares, for benchmarks
+        self.update_seconds = 0.0
 
     # --- the training-loop calls ----------------------------------------------------------------------
     def begin(self) -> None:
@@ -103,6 +107,7 @@ class LowRankController:
         self.global_step = global_step
         if not self.method.is_due(global_step, self.num_training_steps):
             return False
+        start = time.perf_counter()
         main = not is_distributed() or torch.distributed.get_rank() == 0
         changes = self.method.decide(self.model, self.targets, global_step, self.num_training_steps) if main else None
         device = next(self.model.parameters()).device
@@ -112,13 +117,17 @@ class LowRankController:
         if changes:
             events = sorted({c.info.get("event", "update") for c in changes})
             self._record(global_step, "+".join(events))
+        self.update_seconds += time.perf_counter() - start
         return changed
 
     def reprepare(self, wrapped_model: nn.Module) -> nn.Module:
         """Re-wrap the model for the accelerator after `step` returned True (no-op on one process)."""
         if self.accelerator is None:
             return wrapped_model
-        return reprepare(self.accelerator, wrapped_model)
+        start = time.perf_counter()
+        wrapped_model = reprepare(self.accelerator, wrapped_model)
+        self.update_seconds += time.perf_counter() - start
+        return wrapped_model
 
     # --- reporting ------------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
@@ -165,12 +174,15 @@ class LowRankController:
         self.method.load_state_dict(state["method_state"])
 
     def save(self, directory: str) -> None:
-        """Write the controller's state (JSON) and the method's tensors (safetensors) into `directory`."""
+        """Write the controller's state (JSON), the method's tensors (safetensors) and the model's current
+        factorized structure into `directory` (e.g. next to `accelerator.save_state(directory)`)."""
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, STATE_NAME), "w") as f:
             json.dump(self.state_dict(), f)
+        with open(os.path.join(directory, STRUCTURE_NAME), "w") as f:
+            json.dump(LowRankQuantizationConfig.from_model(self.model).to_dict(), f)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.method.tensor_state().items()}
         if tensors:
             save_file(tensors, os.path.join(directory, TENSORS_NAME))
@@ -190,6 +202,13 @@ class LowRankController:
             device = next(self.model.parameters()).device
             self.method.load_tensor_state({k: v.to(device) for k, v in load_file(tensor_path).items()})
         return True
+
+    @staticmethod
+    def restructure(model: nn.Module, directory: str) -> bool:
+        """Give a freshly built model the ranks saved in `directory`; call it before creating the
+        optimizer and `accelerator.prepare` when resuming a raw loop (then `accelerator.load_state` and
+        `controller.load`)."""
+        return restructure_like_checkpoint(unwrap(model), directory)
 
     def save_history(self, directory: str) -> None:
         """`lowrank_history.json`: the ranks after every change, for cards and plots."""

@@ -201,24 +201,32 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def read_saved_ranks(path: str) -> dict[str, int]:
-    """The `rank_pattern` recorded in a saved model or checkpoint directory (empty when dense)."""
+STRUCTURE_NAME = "lowrank_structure.json"
+
+
+def saved_structure(path: str) -> dict:
+    """The factorized structure recorded in `path`: a saved model's `config.json` or the controller's
+    `lowrank_structure.json` (written beside `accelerator.save_state` checkpoints). Empty when dense."""
+    structure_path = os.path.join(path, STRUCTURE_NAME)
+    if os.path.isfile(structure_path):
+        with open(structure_path) as f:
+            return json.load(f)
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        return {}
+        raise FileNotFoundError(f"{path} holds neither config.json nor {STRUCTURE_NAME}: not a checkpoint.")
     with open(config_path) as f:
         quant = json.load(f).get("quantization_config") or {}
-    return dict(quant.get("rank_pattern", {})) if quant.get("quant_method") == QUANT_METHOD else {}
+    return quant if quant.get("quant_method") == QUANT_METHOD else {}
 
 
 def restructure_like_checkpoint(model: nn.Module, path: str) -> bool:
-    """Give `model` the factorized structure saved in `path` (before loading its weights into it).
+    """Give `model` the factorized structure saved in `path`, before its weights and optimizer load.
 
     Used when resuming: a model built dense (or at other ranks) gets the checkpoint's layers and shapes.
+    For a raw `accelerate` loop call it before creating the optimizer and `accelerator.prepare`.
     Returns True if anything changed.
     """
-    with open(os.path.join(path, "config.json")) as f:
-        quant = json.load(f).get("quantization_config") or {}
+    quant = saved_structure(path)
     if quant.get("quant_method") != QUANT_METHOD:
         return False
     cfg = LowRankQuantizationConfig(**{k: v for k, v in quant.items() if k != "quant_method"})
@@ -238,22 +246,3 @@ def restructure_like_checkpoint(model: nn.Module, path: str) -> bool:
         changed = True
     sync_quantization_config(model)
     return changed
-
-
-def load_safetensors_weights(model: nn.Module, path: str) -> None:
-    """Strictly load `path`'s safetensors weights into `model` (shapes must already match)."""
-    from safetensors.torch import load_file
-
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and f.startswith("model"))
-    state = {}
-    for name in files:
-        state.update(load_file(os.path.join(path, name)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
-    if missing or unexpected:
-        raise RuntimeError(f"Checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-
-
-def checkpoint_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype

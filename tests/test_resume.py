@@ -106,3 +106,53 @@ def test_bf16_autocast_trains_through_conversion_and_cuts(tmp_path, tokenizer, l
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def _raw_run(model, data, steps, accelerator, start=0, checkpoint=None, save_at=None, save_to=None):
+    """A raw accelerate loop over fixed batches; resumes from `checkpoint` if given."""
+    from hf_lowrank import LowRankController
+
+    if checkpoint is not None:
+        LowRankController.restructure(model, checkpoint)  # shapes before the optimizer and prepare
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    controller = LowRankController(wrapped, optimizer=optimizer, accelerator=accelerator, num_training_steps=steps)
+    if checkpoint is not None:
+        accelerator.load_state(checkpoint)
+        assert controller.load(checkpoint)
+    for step in range(start, steps):
+        loss = wrapped(**data[step]).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        if controller.step():
+            wrapped = controller.reprepare(wrapped)
+        if save_at == step + 1:  # "interrupted" here, right after saving
+            accelerator.save_state(save_to)
+            controller.save(save_to)
+            return controller
+    return controller
+
+
+def test_raw_loop_save_state_load_state_resumes_exactly(tmp_path):
+    from accelerate import Accelerator
+
+    g = torch.Generator().manual_seed(5)
+    data = [{"input_ids": (ids := torch.randint(0, 128, (4, 16), generator=g)), "labels": ids} for _ in range(14)]
+    cfg = LowRankConfig(method="oialr", delay_steps=4, update_every=3, sigma_cutoff=0.3)
+
+    full = get_lowrank_model(tiny_gpt2(), cfg)
+    _raw_run(full, data, 14, Accelerator(cpu=True))
+
+    first = _raw_run(get_lowrank_model(tiny_gpt2(), cfg), data, 14, Accelerator(cpu=True), save_at=8,
+                     save_to=str(tmp_path / "ckpt"))
+    assert "update" in [h["event"] for h in first.history]
+
+    resumed_model = get_lowrank_model(tiny_gpt2(seed=1), cfg)  # different init: everything must come from disk
+    resumed = _raw_run(resumed_model, data, 14, Accelerator(cpu=True), start=8, checkpoint=str(tmp_path / "ckpt"))
+    assert resumed.global_step == 14
+    expected = dict(full.state_dict())
+    for name, value in resumed_model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=0, msg=name)
