@@ -37,16 +37,18 @@ class LowRankQuantizationConfig(QuantizationConfigMixin):
     Args:
         rank_pattern: module name → rank held now.
         sigma_layers: module names that hold a separate `S` (r×r) factor.
+        base_layers: module names that hold a frozen dense `base` (W = W0 + U Vᵀ, cumulative InRank).
         trainable: module name → factors that train (`"U"`, `"S"`, `"V"`).
         lowrank_config: the `LowRankConfig` used for training, as a dict.
     """
 
     def __init__(self, rank_pattern: Optional[dict] = None, sigma_layers: Optional[list] = None,
-                 trainable: Optional[dict] = None, lowrank_config: Optional[dict] = None,
+                 base_layers: Optional[list] = None, trainable: Optional[dict] = None, lowrank_config: Optional[dict] = None,
                  hf_lowrank_version: Optional[str] = None, **kwargs):
         self.quant_method = QUANT_METHOD
         self.rank_pattern = dict(rank_pattern or {})
         self.sigma_layers = sorted(sigma_layers or [])
+        self.base_layers = sorted(base_layers or [])
         self.trainable = dict(trainable or {})
         self.lowrank_config = dict(lowrank_config or {})
         self.hf_lowrank_version = hf_lowrank_version or _version()
@@ -58,6 +60,7 @@ class LowRankQuantizationConfig(QuantizationConfigMixin):
         return cls(
             rank_pattern={n: m.rank for n, m in layers.items()},
             sigma_layers=[n for n, m in layers.items() if m.S is not None],
+            base_layers=[n for n, m in layers.items() if m.base is not None],
             trainable={n: m.trainable_factors() for n, m in layers.items()},
             lowrank_config=config.to_dict() if config is not None else {},
         )
@@ -155,7 +158,7 @@ class LowRankHfQuantizer(HfQuantizer):
                 raise ValueError(f"config.json records rank {rank} for {name!r}, outside [0, {min(n_in, n_out)}].")
             weight = module.weight
             layer = LowRankLinear(n_in, n_out, rank, has_sigma=name in cfg.sigma_layers,
-                                  bias=module.bias is not None, fan_in_fan_out=not isinstance(module, nn.Linear),
+                                  has_base=name in cfg.base_layers, bias=module.bias is not None, fan_in_fan_out=not isinstance(module, nn.Linear),
                                   trainable=cfg.trainable.get(name), device=weight.device, dtype=weight.dtype)
             replace_module(model, name, layer)
         _check_saved_shapes(model, checkpoint_files)
@@ -233,13 +236,14 @@ def restructure_like_checkpoint(model: nn.Module, path: str) -> bool:
     changed = False
     for name, rank in cfg.rank_pattern.items():
         module = model.get_submodule(name)
-        has_sigma = name in cfg.sigma_layers
-        if isinstance(module, LowRankLinear) and module.rank == rank and (module.S is not None) == has_sigma:
+        has_sigma, has_base = name in cfg.sigma_layers, name in cfg.base_layers
+        if (isinstance(module, LowRankLinear) and module.rank == rank and (module.S is not None) == has_sigma
+                and (module.base is not None) == has_base):
             module.set_trainable(cfg.trainable.get(name, module.trainable_factors()))
             continue
         n_in, n_out = linear_shape(module)
         ref = module.U if isinstance(module, LowRankLinear) else module.weight
-        layer = LowRankLinear(n_in, n_out, rank, has_sigma=has_sigma, bias=module.bias is not None,
+        layer = LowRankLinear(n_in, n_out, rank, has_sigma=has_sigma, has_base=has_base, bias=module.bias is not None,
                               fan_in_fan_out=getattr(module, "fan_in_fan_out", not isinstance(module, nn.Linear)),
                               trainable=cfg.trainable.get(name), device=ref.device, dtype=ref.dtype)
         replace_module(model, name, layer)

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .inject import replace_module
-from .layers import LowRankLinear, linear_shape
+from .layers import LowRankLinear, dense_weight_of, linear_shape
 from .methods.base import LayerChange
 
 # Optimizer state entries that transform like the gradient (first moments) or like its square.
@@ -58,10 +58,13 @@ def _factorize(module: nn.Module, change: LayerChange, opt) -> LowRankLinear:
     """A `LowRankLinear` replacing a dense layer; the bias Parameter (and its optimizer state) is reused."""
     n_in, n_out = linear_shape(module)
     weight = module.weight
-    layer = LowRankLinear(n_in, n_out, change.rank, has_sigma=change.S is not None, bias=False,
+    has_base = bool(change.info.get("base"))
+    layer = LowRankLinear(n_in, n_out, change.rank, has_sigma=change.S is not None, bias=False, has_base=has_base,
                           fan_in_fan_out=isinstance(module, Conv1D), trainable=change.trainable,
                           device=weight.device, dtype=weight.dtype)
     layer.set_factors(change.U, change.S, change.V)
+    if has_base:  # the dense weight stays, frozen, under the factors (W = W0 + U Vᵀ)
+        layer.base.data = dense_weight_of(module).detach().clone().contiguous()
     layer.bias = module.bias
     if opt is not None:
         old_state = opt.state.pop(weight, None)

@@ -2,19 +2,16 @@
 
 from ..config import LowRankConfig
 from .base import LayerChange, Method, resolve_steps
+from .inrank import InRankMethod
 from .oialr import OIALRMethod
 from .svd import SVDMethod
 
-METHOD_CLASSES = {"svd": SVDMethod, "oialr": OIALRMethod}
+METHOD_CLASSES = {"svd": SVDMethod, "oialr": OIALRMethod, "inrank": InRankMethod}
 
 
 def get_method(config: LowRankConfig) -> Method:
     """The method object for `config.method`."""
-    if config.method == "inrank":
-        from .inrank import InRankMethod
-
-        return InRankMethod(config)
     return METHOD_CLASSES[config.method](config)
 
 
-__all__ = ["LayerChange", "Method", "resolve_steps", "get_method", "OIALRMethod", "SVDMethod"]
+__all__ = ["LayerChange", "Method", "resolve_steps", "get_method", "InRankMethod", "OIALRMethod", "SVDMethod"]
