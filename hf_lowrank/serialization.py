@@ -68,7 +68,10 @@ class LowRankQuantizationConfig(QuantizationConfigMixin):
 
 def sync_quantization_config(model: nn.Module) -> None:
     """Record the model's current ranks in `model.config` so `save_pretrained` (and every Trainer
-    checkpoint) writes them; a model with no factorized layer left is saved as a plain dense model."""
+    checkpoint) writes them; a model with no factorized layer left is saved as a plain dense model.
+    Plain `nn.Module`s (no transformers config) have nothing to record."""
+    if getattr(model, "config", None) is None:
+        return
     if not any(isinstance(m, LowRankLinear) for m in model.modules()):
         remove_quantization_config(model)
         return
@@ -80,6 +83,8 @@ def sync_quantization_config(model: nn.Module) -> None:
 
 
 def remove_quantization_config(model: nn.Module) -> None:
+    if getattr(model, "config", None) is None:
+        return
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -93,3 +93,12 @@ def test_dense_targets_stay_dense_for_oialr_until_conversion():
     assert all(l.rank == l.max_rank for l in lowrank_summary(converted).layers.values())
     assert hf_lowrank.lowrank_summary(converted).trainable_params == sum(
         p.numel() for p in converted.parameters() if p.requires_grad)
+
+
+def test_plain_torch_modules_work_too():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    x = torch.randn(3, 16)
+    expected = model(x)
+    get_lowrank_model(model, LowRankConfig(method="svd", rank_fraction=1.0))
+    assert isinstance(model[0], LowRankLinear) and isinstance(model[2], LowRankLinear)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-4)
