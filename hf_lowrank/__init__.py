@@ -8,6 +8,8 @@ __version__ = "0.1.0"
 
 from .config import LowRankConfig
 from .controller import LowRankController
+from .diagnostics import CumulativeRankCallback, LowRankDiagnosticsCallback
+from .hub import push_to_hub
 from .inject import get_lowrank_model
 from .layers import LowRankLinear
 from .serialization import LowRankHfQuantizer, LowRankQuantizationConfig, merge_and_unload
@@ -15,8 +17,10 @@ from .summary import lowrank_summary
 from .trainer import LowRankTrainer
 
 __all__ = [
+    "CumulativeRankCallback",
     "LowRankConfig",
     "LowRankController",
+    "LowRankDiagnosticsCallback",
     "LowRankTrainer",
     "LowRankLinear",
     "LowRankQuantizationConfig",
@@ -24,4 +28,5 @@ __all__ = [
     "get_lowrank_model",
     "lowrank_summary",
     "merge_and_unload",
+    "push_to_hub",
 ]

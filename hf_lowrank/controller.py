@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .config import LowRankConfig
+from .diagnostics import HISTORY_NAME
 from .inject import find_targets
 from .layers import LowRankLinear
 from .methods import get_method
@@ -39,7 +40,6 @@ from .summary import lowrank_summary
 
 STATE_NAME = "lowrank_state.json"
 TENSORS_NAME = "lowrank_state.safetensors"
-HISTORY_NAME = "lowrank_history.json"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
