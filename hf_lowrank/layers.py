@@ -61,6 +61,7 @@ class LowRankLinear(nn.Module):
         *,
         has_sigma: bool,
         bias: bool = True,
+        has_base: bool = False,
         fan_in_fan_out: bool = False,
         trainable: Optional[Iterable[str]] = None,
         device=None,
@@ -77,6 +78,8 @@ class LowRankLinear(nn.Module):
         self.S = nn.Parameter(torch.zeros(rank, rank, **kw)) if has_sigma else None
         self.V = nn.Parameter(torch.zeros(in_features, rank, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        # Frozen dense W0 (out×in) for cumulative InRank, W = W0 + U Vᵀ; None for a purely factorized layer.
+        self.base = nn.Parameter(torch.zeros(out_features, in_features, **kw), requires_grad=False) if has_base else None
         self.set_trainable(trainable if trainable is not None else (("S",) if has_sigma else ("U", "V")))
 
     # --- construction ---------------------------------------------------------------------------------
@@ -101,13 +104,22 @@ class LowRankLinear(nn.Module):
             layer.bias.data.copy_(module.bias.detach())
         return layer
 
-    def set_factors(self, U: torch.Tensor, S: Optional[torch.Tensor], V: torch.Tensor) -> None:
-        """Replace the factors' data (shapes may change); the Parameter objects and their flags stay."""
-        dtype, device = self.U.dtype, self.U.device
-        self.U.data = U.detach().to(device=device, dtype=dtype).contiguous()
-        self.V.data = V.detach().to(device=device, dtype=dtype).contiguous()
-        if self.S is not None:
-            self.S.data = S.detach().to(device=device, dtype=dtype).contiguous()
+    def set_factors(self, U: torch.Tensor, S: Optional[torch.Tensor], V: torch.Tensor) -> bool:
+        """Replace the factors' values. A factor whose shape changes becomes a new Parameter (same
+        trainability): autograd caches a leaf's shape in its gradient accumulator, which a DDP reducer keeps
+        alive, so resizing a Parameter in place breaks the next backward. Returns True if any was replaced."""
+        replaced = False
+        for name, value in (("U", U), ("S", S), ("V", V)):
+            old = getattr(self, name)
+            if old is None:
+                continue
+            value = value.detach().to(device=old.device, dtype=old.dtype).contiguous()
+            if value.shape == old.shape:
+                old.data = value
+            else:
+                setattr(self, name, nn.Parameter(value, requires_grad=old.requires_grad))
+                replaced = True
+        return replaced
 
     def set_trainable(self, factors: Iterable[str]) -> None:
         """Make exactly the named factors (`"U"`, `"S"`, `"V"`) trainable; the bias always trains."""
@@ -135,9 +147,16 @@ class LowRankLinear(nn.Module):
         return [n for n in self.factor_names() if getattr(self, n).requires_grad]
 
     def dense_matrix(self) -> torch.Tensor:
-        """`U S Vᵀ` as an out×in matrix (differentiable)."""
-        left = self.U if self.S is None else self.U @ self.S
-        return left @ self.V.t()
+        """The layer's weight `[W0 +] U S Vᵀ` as an out×in matrix (differentiable)."""
+        product = self._factor_product()
+        return product if self.base is None else self.base + product
+
+    def _factor_product(self) -> torch.Tensor:
+        if self.S is None:
+            return self.U @ self.V.t()
+        if self.out_features <= self.in_features:   # cheaper association: r·r·min(in, out) for the S side
+            return (self.U @ self.S) @ self.V.t()
+        return self.U @ (self.S @ self.V.t())
 
     @property
     def weight(self) -> torch.Tensor:
@@ -157,25 +176,82 @@ class LowRankLinear(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def dense_params(self) -> int:
+        """Parameters of the same layer dense, bias included."""
         return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
 
     # --- compute --------------------------------------------------------------------------------------
-    def chain_is_cheaper(self, tokens: int) -> bool:
-        """Multiply-adds of the factor chain vs. materializing W, for `tokens` input rows."""
-        r, n_in, n_out = self.rank, self.in_features, self.out_features
-        inner = r if self.S is not None else 0
-        chain = tokens * r * (n_in + n_out + inner)
-        materialized = n_out * r * (n_in + inner) + tokens * n_in * n_out
+    def path_costs(self, tokens: int, *, backward: bool = True, input_grad: bool = True) -> tuple[int, int]:
+        """Multiply-adds of one call on `tokens` input rows by the factor chain and by materializing `W`.
+
+        Counts the forward and, when `backward`, the backward of exactly the gradients that will be computed:
+        those of the trainable factors and, when `input_grad`, of the input. The backward matters: with `S`
+        trainable and `U`, `V` frozen (OIALR) the materialized path pays `dW = dyᵀx` plus its projection
+        `Uᵀ dW V`, while the chain pays only rank-sized products. Biases are not counted (same on both paths).
+        """
+        T, r, n_in, n_out = tokens, self.rank, self.in_features, self.out_features
+        g_u, g_v = backward and self.U.requires_grad, backward and self.V.requires_grad
+        g_s = backward and self.S is not None and self.S.requires_grad
+        g_x = backward and input_grad
+        if self.S is None:
+            chain = T * r * (n_in + n_out)                       # h = x V, y = h Uᵀ
+            chain += T * n_out * r * (g_u + (g_v or g_x))        # dU = dyᵀ h, g = dy U
+            chain += T * n_in * r * (g_v + g_x)                  # dV = xᵀ g, dx = g Vᵀ
+            materialized = n_out * r * n_in + T * n_in * n_out   # W = U Vᵀ, y = x Wᵀ
+            materialized += T * n_in * n_out * (g_x + (g_u or g_v))    # dx = dy W, dW = dyᵀ x
+            materialized += n_out * n_in * r * (g_u + g_v)       # dU = dW V, dV = dWᵀ U
+            return chain, materialized
+        # with S: see _SigmaChain for the chain's products
+        chain = T * r * (n_in + n_out) + n_out * r * r           # h = x V, US = U S, y = h (US)ᵀ
+        need_g = g_s or g_v or g_x
+        chain += T * n_out * r * need_g                          # g = dy U
+        chain += (T * n_out * r + n_out * r * r) * g_u           # dU = (dyᵀ h) Sᵀ
+        chain += T * r * r * g_s                                 # dS = gᵀ h
+        if g_v:
+            chain += T * r * r + T * n_in * r                    # g1 = g S, dV = xᵀ g1
+            chain += T * r * n_in * g_x                          # dx = g1 Vᵀ
+        elif g_x:
+            chain += n_in * r * r + T * r * n_in                 # dx = g (S Vᵀ)
+        small = min(n_in, n_out)
+        materialized = small * r * r + n_out * r * n_in + T * n_in * n_out   # W = U S Vᵀ, y = x Wᵀ
+        materialized += T * n_in * n_out * (g_x + (g_u or g_s or g_v))       # dx = dy W, dW = dyᵀ x
+        materialized += (n_out * n_in * r + small * r * r) * (g_u or g_s)    # dW V (or Uᵀ dW), then S-side
+        materialized += n_out * n_in * r * g_v
+        return chain, materialized
+
+    def chain_is_cheaper(self, tokens: int, *, backward: Optional[bool] = None, input_grad: bool = True) -> bool:
+        """Whether the factor chain costs no more multiply-adds than materializing `W` (see `path_costs`).
+
+        `backward=None` means: a backward follows when grad mode is on and some factor trains.
+        """
+        if backward is None:
+            backward = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        chain, materialized = self.path_costs(tokens, backward=backward, input_grad=input_grad)
         return chain <= materialized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.base is not None:  # W0 costs a dense product anyway: add the factors to it and multiply once
+            return F.linear(x, self.dense_matrix(), self.bias)
         tokens = x.numel() // self.in_features
-        if self.chain_is_cheaper(tokens):
-            h = torch.matmul(x, self.V)
-            if self.S is not None:
-                h = F.linear(h, self.S)
-            return F.linear(h, self.U, self.bias)
-        return F.linear(x, self.dense_matrix(), self.bias)
+        grad = torch.is_grad_enabled()
+        backward = grad and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if not self.chain_is_cheaper(tokens, backward=backward, input_grad=grad and x.requires_grad):
+            return F.linear(x, self.dense_matrix(), self.bias)
+        if self.S is None:  # plain autograd already computes exactly the chain's needed products
+            return F.linear(torch.matmul(x, self.V), self.U, self.bias)
+        U, S, V, bias = self.U, self.S, self.V, self.bias
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Cast once here (differentiable casts bring the grads back to the parameters' dtype) and run
+            # the Function without autocast, so its forward and backward see one dtype whatever the
+            # autocast state is when `backward()` runs.
+            dtype = torch.get_autocast_dtype(device_type)
+            x, U, S, V = (t.to(dtype) for t in (x, U, S, V))
+            bias = bias.to(dtype) if bias is not None else None
+            with torch.autocast(device_type, enabled=False):
+                y = _SigmaChain.apply(x.reshape(-1, self.in_features), U, S, V, bias)
+        else:
+            y = _SigmaChain.apply(x.reshape(-1, self.in_features), U, S, V, bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def to_dense(self) -> nn.Module:
         """An `nn.Linear` (or `Conv1D`, matching what was replaced) holding `U S Vᵀ`."""
@@ -198,6 +274,48 @@ class LowRankLinear(nn.Module):
         kind = "Conv1D" if self.fan_in_fan_out else "Linear"
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"sigma={self.S is not None}, trainable={self.trainable_factors()}, replaces={kind}")
+
+
+class _SigmaChain(torch.autograd.Function):
+    """`y = x V Sᵀ Uᵀ + b` for 2-D `x`, computing only the gradients that are needed.
+
+    Compared with autograd over `((x V) Sᵀ) Uᵀ`, it never forms `T×r` products with `S` that are not needed:
+    the forward uses `U S` (out·r² instead of T·r²), and with `U`, `V` frozen (OIALR) the backward is
+    `g = dy U`, `dS = gᵀ (x V)`, `dx = g (S Vᵀ)`; only `x V` (T×r) is saved, not `x`, unless `V` trains.
+    """
+
+    @staticmethod
+    def forward(ctx, x, U, S, V, bias):
+        h = x @ V
+        US = U @ S
+        y = torch.addmm(bias, h, US.t()) if bias is not None else h @ US.t()
+        need_x, need_u, need_s, need_v, need_b = ctx.needs_input_grad
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x if need_v else None, h if (need_u or need_s) else None, U, S, V)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, U, S, V = ctx.saved_tensors
+        need_x, need_u, need_s, need_v, need_b = ctx.needs_input_grad
+        dx = dU = dS = dV = db = None
+        dy = dy.contiguous()
+        if need_u:
+            dU = (dy.t() @ h) @ S.t()
+        if need_x or need_s or need_v:
+            g = dy @ U
+            if need_s:
+                dS = g.t() @ h
+            if need_v:
+                g1 = g @ S
+                dV = x.t() @ g1
+                if need_x:
+                    dx = g1 @ V.t()
+            elif need_x:
+                dx = g @ (S @ V.t())
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        return dx, dU, dS, dV, db
 
 
 def factors_from_svd(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, has_sigma: bool):

@@ -67,3 +67,84 @@ def test_weight_property_is_not_a_parameter_and_is_flagged_for_hf_init():
     layer = LowRankLinear.from_dense(_dense("conv1d"), rank=4, has_sigma=False)
     assert "weight" not in dict(layer.named_parameters())
     assert layer.weight.shape == (24, 40) and layer.weight._is_hf_initialized
+
+
+def _reference(layer, x):
+    """The layer's output through the dense reconstruction, by plain autograd."""
+    return torch.nn.functional.linear(x, layer.dense_matrix(), layer.bias)
+
+
+@pytest.mark.parametrize("trainable", [("S",), ("U", "S", "V"), ("U",), ("V",), ("S", "V"), ()])
+@pytest.mark.parametrize("input_grad", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sigma_chain_gradients_match_autograd_through_the_dense_weight(trainable, input_grad, bias):
+    torch.manual_seed(1)
+    layer = LowRankLinear.from_dense(nn.Linear(48, 40, bias=bias), rank=6, has_sigma=True, trainable=trainable)
+    assert layer.chain_is_cheaper(tokens=2 * 64, backward=True, input_grad=input_grad)
+    x = torch.randn(2, 64, 48, requires_grad=input_grad)
+    dy = torch.randn(2, 64, 40)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    y = layer(x)
+    assert y.shape == (2, 64, 40)
+    torch.testing.assert_close(y, _reference(layer, x), atol=1e-5, rtol=1e-4)
+    wrt = params + ([x] if input_grad else [])
+    if not wrt:  # nothing trains: no graph at all
+        assert not y.requires_grad
+        return
+    got = torch.autograd.grad(y, wrt, dy)
+    want = torch.autograd.grad(_reference(layer, x), wrt, dy)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("has_sigma", [True, False])
+def test_frozen_factors_get_no_gradient_on_either_path(has_sigma):
+    for rank in (4, 24):  # chain and materialized
+        layer = LowRankLinear.from_dense(_dense("linear"), rank=rank, has_sigma=has_sigma)
+        layer(torch.randn(50, 24, requires_grad=True)).sum().backward()
+        for name in layer.factor_names():
+            p = getattr(layer, name)
+            assert (p.grad is not None) == p.requires_grad, (rank, name)
+        assert layer.bias.grad is not None
+
+
+def test_cost_model_counts_the_backward_and_follows_it(monkeypatch):
+    # 16→64 at full rank with S trainable, U and V frozen: materializing W is cheaper for a forward alone,
+    # but in training it costs dW = dyᵀx plus its projection Uᵀ dW V, so the chain is cheaper.
+    torch.manual_seed(0)
+    layer = LowRankLinear.from_dense(nn.Linear(16, 64), rank=16, has_sigma=True)
+    assert not layer.chain_is_cheaper(tokens=256, backward=False)
+    assert layer.chain_is_cheaper(tokens=256, backward=True, input_grad=True)
+    chain, materialized = layer.path_costs(256, backward=True)
+    assert chain < materialized
+    calls = []
+    real = LowRankLinear.dense_matrix
+    monkeypatch.setattr(LowRankLinear, "dense_matrix", lambda self: calls.append(1) or real(self))
+    x = torch.randn(256, 16, requires_grad=True)
+    layer(x)
+    assert not calls                      # training call: the chain
+    with torch.no_grad():
+        y = layer(x)
+    assert calls                          # forward only: materialized
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, real(layer), layer.bias), atol=1e-5, rtol=1e-4)
+    # a layer that trains nothing costs the forward only, whatever grad mode says
+    layer.set_trainable(())
+    layer.bias.requires_grad_(False)
+    assert layer.chain_is_cheaper(tokens=256) == layer.chain_is_cheaper(tokens=256, backward=False)
+
+
+@pytest.mark.parametrize("has_sigma", [True, False])
+@pytest.mark.parametrize("rank", [4, 24])
+def test_bf16_autocast_forward_and_backward(has_sigma, rank):
+    layer = LowRankLinear.from_dense(_dense("conv1d"), rank=rank, has_sigma=has_sigma)
+    x = torch.randn(3, 40, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().mean().backward()  # backward outside the autocast context, as usual
+    for p in layer.parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+    assert x.grad.dtype == torch.float32
+    ref = _reference(layer, x.detach())
+    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
