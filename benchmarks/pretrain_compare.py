@@ -5,7 +5,7 @@ subprocess (so peak memory is per method) one after the other. Prints eval perpl
 parameters of the factorized layers, peak RSS and ratios to dense, plus the share of training time spent
 in rank updates (decision, broadcast, surgery, re-prepare).
 
-    python benchmarks/pretrain_compare.py                 # defaults: ~10 minutes on 2 CPU cores
+    python benchmarks/pretrain_compare.py                 # defaults: ~5 minutes per method on 2 CPU cores
     python benchmarks/pretrain_compare.py --quick         # a smoke run
 
 The corpus is the installed standard library's docstrings (`hf_lowrank.data`), always present offline.
@@ -27,15 +27,16 @@ METHODS = ("dense", "oialr", "inrank")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS),
+                   help="dense, oialr, inrank; a variant overrides knobs: oialr:sigma_cutoff=0.35,delay_steps=0.3")
     p.add_argument("--work_dir", default="outputs/pretrain_compare")
-    p.add_argument("--n_embd", type=int, default=256)
+    p.add_argument("--n_embd", type=int, default=192)
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--n_head", type=int, default=4)
     p.add_argument("--block_size", type=int, default=128)
     p.add_argument("--vocab_size", type=int, default=4096)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_steps", type=int, default=600)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_steps", type=int, default=400)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--eval_blocks", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--check_every", type=float, default=0.02)
     p.add_argument("--freeze_step", type=float, default=0.3)
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps: checks the script runs")
-    p.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)  # internal: one method per subprocess
+    p.add_argument("--only", help=argparse.SUPPRESS)  # internal: one method per subprocess
     args = p.parse_args(argv)
     if args.quick:
         args.n_embd, args.n_layer, args.block_size, args.vocab_size = 64, 2, 64, 1024
@@ -93,8 +94,22 @@ def lowrank_config(args, method):
                          check_every=args.check_every, freeze_step=args.freeze_step)
 
 
-def run_one(args, method):
-    """Train one method; returns its measurements."""
+def apply_variant(args, spec: str) -> str:
+    """`"oialr:sigma_cutoff=0.35"` → sets args.sigma_cutoff = 0.35 and returns `"oialr"`."""
+    method, _, overrides = spec.partition(":")
+    if method not in METHODS:
+        raise SystemExit(f"Unknown method {method!r} in {spec!r}: use one of {METHODS}.")
+    for item in filter(None, overrides.split(",")):
+        key, _, value = item.partition("=")
+        if not hasattr(args, key):
+            raise SystemExit(f"Unknown knob {key!r} in {spec!r}.")
+        setattr(args, key, type(getattr(args, key))(value))
+    return method
+
+
+def run_one(args, spec):
+    """Train one method (or variant); returns its measurements."""
+    method = apply_variant(args, spec)
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
@@ -112,7 +127,7 @@ def run_one(args, method):
     targets = find_targets(model, LowRankConfig(method="svd"))
     dense_layer_params = sum(p.numel() for n in targets for p in model.get_submodule(n).parameters())
     training_args = TrainingArguments(
-        output_dir=os.path.join(args.work_dir, method), per_device_train_batch_size=args.batch_size,
+        output_dir=os.path.join(args.work_dir, spec.replace(":", "_").replace(",", "_")), per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, max_steps=args.max_steps, learning_rate=args.learning_rate,
         lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01, logging_steps=max(1, args.max_steps // 10),
         save_strategy="no", report_to=[], use_cpu=True, seed=args.seed, disable_tqdm=True)
@@ -128,7 +143,7 @@ def run_one(args, method):
     summary = lowrank_summary(model)
     layer_params = summary.params if summary.layers else dense_layer_params
     result = {
-        "method": method, "perplexity": math.exp(eval_loss), "eval_loss": eval_loss, "train_seconds": wall,
+        "method": spec, "perplexity": math.exp(eval_loss), "eval_loss": eval_loss, "train_seconds": wall,
         "factorized_layer_params": layer_params, "dense_layer_params": dense_layer_params,
         "model_params": sum(p.numel() for p in model.parameters()),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -147,6 +162,7 @@ def main(argv=None):
     prepare_data(args)
     results = {}
     for method in args.methods:
+        apply_variant(parse_args([]), method)  # fail fast on a bad spec
         cmd = [sys.executable, __file__, "--only", method] + (argv if argv is not None else sys.argv[1:])
         print(f"--- {method} ---", flush=True)
         out = subprocess.run(cmd, capture_output=True, text=True)
@@ -161,7 +177,8 @@ def main(argv=None):
 
 def print_table(results):
     dense = results.get("dense")
-    header = (f"{'method':<8} {'eval ppl':>9} {'ppl/dense':>9} {'train s':>8} {'time/dense':>10} "
+    width = max(8, *(len(m) for m in results))
+    header = (f"{'method':<{width}} {'eval ppl':>9} {'ppl/dense':>9} {'train s':>8} {'time/dense':>10} "
               f"{'layer params':>12} {'params/dense':>12} {'rank frac':>9} {'peak RSS MB':>11} {'rank-update %':>13}")
     print(header)
     for method, r in results.items():
@@ -169,7 +186,7 @@ def print_table(results):
         time_ratio = r["train_seconds"] / dense["train_seconds"] if dense else float("nan")
         params_ratio = r["factorized_layer_params"] / r["dense_layer_params"]
         update_share = 100 * r["rank_update_seconds"] / r["train_seconds"]
-        print(f"{method:<8} {r['perplexity']:>9.2f} {ppl_ratio:>9.3f} {r['train_seconds']:>8.1f} {time_ratio:>10.2f} "
+        print(f"{method:<{width}} {r['perplexity']:>9.2f} {ppl_ratio:>9.3f} {r['train_seconds']:>8.1f} {time_ratio:>10.2f} "
               f"{r['factorized_layer_params']:>12,} {params_ratio:>12.2f} {r['rank_fraction']:>9.2f} "
               f"{r['peak_rss_mb']:>11.0f} {update_share:>13.2f}")
 
