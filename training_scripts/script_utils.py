@@ -1,0 +1,537 @@
+"""Shared plumbing of the training scripts: argument parsing with a built-in demo, input checks that fail with
+one clear line before anything is trained or written, data/model loading with readable errors, the low-rank
+model and trainer, the final save (model files land in `output_dir` only after training succeeded), the printed
+summary, the model card and the Hub push.
+
+Errors a user can fix are raised as `SystemExit("error: ...")`: one line on stderr, exit status 1, no traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Iterable, Optional
+
+import datasets
+import transformers
+from transformers import HfArgumentParser, Trainer
+
+from hf_lowrank import LowRankTrainer, get_lowrank_model, lowrank_summary
+from hf_lowrank.data import train_tokenizer, write_stdlib_corpus
+
+from lowrank_args import METHOD_ARG, ignored_knobs, lowrank_config_from_args
+
+logger = logging.getLogger("hf_lowrank.scripts")
+
+# Text used to train a tokenizer is capped (the first characters of the training split): BPE merges settle
+# long before, and a WikiText-103-sized dump would only cost time.
+TOKENIZER_TRAIN_CHARS = 50_000_000
+# Files written last when a model directory is filled, so that a directory with a config.json is complete.
+_MODEL_MARKERS = ("config.json",)
+_WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
+
+
+def fail(message: str) -> "NoReturn":  # noqa: F821
+    """Stop with a one-line error (no traceback)."""
+    raise SystemExit(f"error: {message}")
+
+
+def say(message: str, training_args=None) -> None:
+    """Progress line on the main process."""
+    if training_args is None or training_args.process_index == 0:
+        print(f"[hf_lowrank] {message}", flush=True)
+
+
+# --- arguments ----------------------------------------------------------------------------------------------
+def parse_arguments(dataclass_types, argv: Optional[list[str]], demo_args: Optional[list[str]] = None,
+                    script: str = "script.py"):
+    """Parse like the HF examples (`--flags`, or a single JSON file). With `demo_args`, no arguments at all, or
+    `--demo` anywhere, runs the built-in demo: its arguments come first, so any given ones override them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    use_cpu_if_no_accelerator()
+    parser = HfArgumentParser(dataclass_types)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0])), False
+    demo = demo_args is not None and (not argv or "--demo" in argv)
+    if demo:
+        argv = [a for a in argv if a != "--demo"]
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[hf_lowrank] running the offline demo, i.e.\n  python {script} " + " ".join(demo_args + argv)
+                  + "\n[hf_lowrank] (`--demo ARGS` runs it with ARGS changed; `--help` lists every argument)",
+                  flush=True)
+        argv = demo_args + argv
+    return parser.parse_args_into_dataclasses(args=argv), demo
+
+
+def use_cpu_if_no_accelerator() -> None:
+    """One of several processes (`accelerate launch --multi_gpu`, torchrun) on a machine without GPU: make the
+    processes one MULTI_CPU (gloo) group. Without it each would train on its own, silently, and all would write
+    the same output directory."""
+    import torch
+    from transformers.utils import strtobool
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or strtobool(os.environ.get("ACCELERATE_USE_CPU", "false")):
+        return
+    accelerator = getattr(torch, "accelerator", None)
+    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    if not has_accelerator:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+        if os.environ.get("RANK", "0") == "0":
+            print("[hf_lowrank] several processes and no GPU: training on the CPU as one distributed (gloo) group "
+                  "(ACCELERATE_USE_CPU=1)", flush=True)
+
+
+def setup_logging(training_args) -> None:
+    """The HF examples' logging setup."""
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def check_training_args(training_args) -> None:
+    if not (training_args.do_train or training_args.do_eval):
+        fail("nothing to do: pass --do_train and/or --do_eval (as in the Hugging Face example scripts).")
+
+
+def check_lowrank_args(lowrank_args):
+    """The `LowRankConfig` of the arguments (None for `--lowrank_method none`); invalid values fail here."""
+    try:
+        config = lowrank_config_from_args(lowrank_args)
+    except ValueError as error:
+        fail(f"invalid low-rank argument: {error}")
+    ignored = ignored_knobs(lowrank_args)
+    if ignored:
+        logger.warning("%s do not apply to --%s %s and are ignored.", ", ".join(ignored), METHOD_ARG,
+                       getattr(lowrank_args, METHOD_ARG))
+    return config
+
+
+def check_local_files(**paths: Optional[str]) -> None:
+    """Each given `--name path` must exist."""
+    for name, path in paths.items():
+        if path is not None and not os.path.exists(path):
+            fail(f"--{name} {path!r} does not exist (working directory {os.getcwd()!r}): fix the path, or use "
+                 "--dataset_name for a Hub dataset.")
+
+
+def check_push(training_args) -> Optional[dict]:
+    """With --push_to_hub: check now (before training) that pushing can work, and take the push over from the
+    Trainer (whose own push would replace our model card). Returns the push settings or None."""
+    if not training_args.push_to_hub:
+        return None
+    import hf_lowrank
+
+    push = getattr(hf_lowrank, "push_to_hub", None)
+    if push is None:
+        fail("--push_to_hub needs hf_lowrank.push_to_hub, which this version of hf_lowrank does not have; drop "
+             "--push_to_hub and upload the output directory yourself.")
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        fail("--push_to_hub while the Hub is in offline mode (HF_HUB_OFFLINE=1): unset it (and be online), or "
+             "drop --push_to_hub and push later with `hf-lowrank push OUTPUT_DIR REPO_ID`.")
+    settings = {"repo_id": training_args.hub_model_id or os.path.basename(os.path.normpath(training_args.output_dir)),
+                "token": training_args.hub_token, "private": training_args.hub_private_repo,
+                "revision": training_args.hub_revision, "push": push}
+    training_args.push_to_hub = False
+    return settings
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode() or datasets.config.HF_HUB_OFFLINE
+
+
+def load_hub_dataset(name: str, config_name: Optional[str] = None, local_hint: str = "--train_file/--validation_file",
+                     **kwargs):
+    """`datasets.load_dataset(name, config_name, ...)` with a one-line error when it cannot be had."""
+    try:
+        return datasets.load_dataset(name, config_name, **kwargs)
+    except ConnectionError as error:
+        why = "the Hub is in offline mode (HF_HUB_OFFLINE=1)" if _offline() else "the Hub cannot be reached"
+        fail(f"cannot load dataset {name!r}: {why} and it is not in the local cache. Connect to the network "
+             f"(and unset HF_HUB_OFFLINE) to download it once, or use local files ({local_hint}). "
+             f"[{type(error).__name__}]")
+    except (FileNotFoundError, ValueError) as error:
+        fail(f"cannot load dataset {name!r}{f' ({config_name})' if config_name else ''}: "
+             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}")
+
+
+def load_local_dataset(builder: str, data_files: dict, **kwargs):
+    try:
+        return datasets.load_dataset(builder, data_files=data_files, **kwargs)
+    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetGenerationError) as error:
+        cause = error.__cause__ or error
+        first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        fail(f"cannot read {', '.join(data_files.values())} as {builder}: {first}")
+
+
+def from_pretrained(loader, name: str, what: str, **kwargs):
+    """`loader(name, **kwargs)` (a `from_pretrained`) with a one-line error for a missing/unreachable model."""
+    try:
+        return loader(name, **kwargs)
+    except (OSError, ValueError) as error:
+        if os.path.isdir(name) or os.path.isfile(name):
+            fail(f"cannot load the {what} from {name!r}: {str(error).splitlines()[0]}")
+        why = ("the Hub is in offline mode (HF_HUB_OFFLINE=1)" if _offline() else
+               "it is neither a local directory nor reachable on the Hub")
+        fail(f"cannot load the {what} {name!r}: {why}. Pass a local directory (saved with save_pretrained), "
+             "connect to the network once to cache it, or build the model from a config (--model_type).")
+
+
+def check_column(dataset_columns: Iterable[str], column: str, flag: str, source: str) -> None:
+    columns = list(dataset_columns)
+    if column not in columns:
+        fail(f"{flag} {column!r} is not a column of {source}; its columns are {columns}. Pass one of them.")
+
+
+def hf_lowrank_cache(cache_dir: Optional[str]) -> str:
+    """Where the scripts cache what they build (stdlib corpus, trained tokenizers)."""
+    if cache_dir:
+        return os.path.join(cache_dir, "hf_lowrank")
+    return os.environ.get("HF_LOWRANK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hf_lowrank"))
+
+
+def stdlib_corpus(cache_root: str, training_args) -> tuple[str, str]:
+    """`train.txt` / `validation.txt` of the standard-library docstring corpus, written once and cached."""
+    version = f"py{sys.version_info.major}.{sys.version_info.minor}"
+    directory = os.path.join(cache_root, f"stdlib_corpus_{version}")
+    train, validation = os.path.join(directory, "train.txt"), os.path.join(directory, "validation.txt")
+    with training_args.main_process_first(desc="stdlib corpus"):
+        if not (os.path.isfile(train) and os.path.isfile(validation)):
+            say("writing the standard-library docstring corpus (once; cached in "
+                f"{directory})", training_args)
+            os.makedirs(cache_root, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=".stdlib_corpus-", dir=cache_root)
+            write_stdlib_corpus(staging)
+            shutil.rmtree(directory, ignore_errors=True)
+            os.replace(staging, directory)
+    return train, validation
+
+
+def trained_tokenizer(texts, key: str, vocab_size: int, model_max_length: int, cache_root: str, training_args):
+    """A byte-level BPE tokenizer (hf_lowrank.data.train_tokenizer) trained on the `texts` iterable, cached by
+    `key`: the main process trains it, the others load the same one."""
+    from transformers import AutoTokenizer
+
+    digest = hashlib.sha1(f"{key}|{vocab_size}".encode()).hexdigest()[:16]
+    directory = os.path.join(cache_root, "tokenizers", f"bpe{vocab_size}-{digest}")
+    with training_args.main_process_first(desc="tokenizer training"):
+        if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+            say(f"training a {vocab_size}-token BPE tokenizer on the training text", training_args)
+            os.makedirs(os.path.dirname(directory), exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=".bpe-", dir=os.path.dirname(directory))
+            text_file = os.path.join(staging, "text.txt")
+            size = 0
+            with open(text_file, "w", encoding="utf-8") as f:
+                for text in texts:
+                    if text:
+                        text = text if text.endswith("\n") else text + "\n"
+                        f.write(text)
+                        size += len(text)
+                        if size >= TOKENIZER_TRAIN_CHARS:
+                            break
+            if size == 0:
+                fail("the training text is empty: cannot train a tokenizer on it.")
+            tokenizer = train_tokenizer([text_file], vocab_size=vocab_size)
+            os.remove(text_file)
+            tokenizer.save_pretrained(staging)
+            shutil.rmtree(directory, ignore_errors=True)
+            os.replace(staging, directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.model_max_length = model_max_length
+    return tokenizer
+
+
+def column_texts(dataset, columns: list[str]) -> Iterable[str]:
+    """Texts of `columns` of a `datasets.Dataset`, in batches (never the whole column in memory)."""
+    for batch in dataset.iter(batch_size=1000):
+        for column in columns:
+            for value in batch[column]:
+                if isinstance(value, str):
+                    yield value
+
+
+def config_with_overrides(config, overrides: Optional[str]):
+    """`config.update_from_string(overrides)` with a readable error."""
+    if overrides:
+        try:
+            config.update_from_string(overrides)
+        except ValueError as error:
+            fail(f"--config_overrides {overrides!r}: {error}")
+    return config
+
+
+def overridden_keys(overrides: Optional[str]) -> set[str]:
+    return {item.split("=", 1)[0].strip() for item in (overrides or "").split(",") if "=" in item}
+
+
+# --- model and trainer --------------------------------------------------------------------------------------
+def prepare_lowrank_model(model, lowrank_config):
+    """`get_lowrank_model(model, config)` (a no-op for `--lowrank_method none`) with readable errors.
+
+    A checkpoint that is already low-rank (loaded factorized) keeps its factors: with the same method, training
+    continues under the command line's schedule; with `none`, its factors train as ordinary parameters."""
+    existing = getattr(model, "lowrank_config", None)
+    if existing is not None and lowrank_config is not None:
+        if existing.method != lowrank_config.method:
+            fail(f"the checkpoint was trained with --{METHOD_ARG} {existing.method}; continue with that method (or "
+                 f"--{METHOD_ARG} none), or start from its dense export (`hf-lowrank merge DIR OUT`).")
+        model.lowrank_config = lowrank_config
+        return model
+    if lowrank_config is None:
+        return model
+    try:
+        return get_lowrank_model(model, lowrank_config)
+    except ImportError as error:
+        fail(f"--{METHOD_ARG} {lowrank_config.method} is not available in this version of hf_lowrank ({error}).")
+    except ValueError as error:
+        fail(f"cannot apply the low-rank arguments to {type(model).__name__}: {error}")
+
+
+def trainer_class(lowrank_config):
+    """`LowRankTrainer` when a low-rank method is chosen, the plain `Trainer` for `--lowrank_method none`."""
+    return Trainer if lowrank_config is None else LowRankTrainer
+
+
+def total_optimizer_steps(training_args, num_examples: int) -> int:
+    if training_args.max_steps and training_args.max_steps > 0:
+        return training_args.max_steps
+    batch = training_args.per_device_train_batch_size * max(1, training_args.world_size)
+    batches = math.ceil(num_examples / batch) if not training_args.dataloader_drop_last else num_examples // batch
+    per_epoch = max(1, batches // training_args.gradient_accumulation_steps)
+    return math.ceil(training_args.num_train_epochs * per_epoch)
+
+
+def describe_schedule(lowrank_config, training_args, num_examples: int) -> None:
+    """Say when the rank changes will happen; warn when the run is too short for them."""
+    if lowrank_config is None or not training_args.do_train:
+        return
+    from hf_lowrank.methods import resolve_steps
+
+    total = total_optimizer_steps(training_args, num_examples)
+    method = lowrank_config.method
+    if method == "oialr":
+        delay = resolve_steps(lowrank_config.delay_steps, total, "delay_steps")
+        every = resolve_steps(lowrank_config.update_every, total, "update_every")
+        say(f"OIALR: dense until optimizer step {delay}, then U Σ Vᵀ with a basis update every {every} steps "
+            f"(of {total}).", training_args)
+        if delay >= total:
+            logger.warning("OIALR never converts in this run: --delay_steps %s is step %d, the run has %d optimizer "
+                           "steps. Pass a fraction of the run instead, e.g. --delay_steps 0.3 --update_every 0.1.",
+                           lowrank_config.delay_steps, delay, total)
+    elif method == "inrank":
+        warmup = resolve_steps(lowrank_config.rank_warmup_steps, total, "rank_warmup_steps")
+        freeze = resolve_steps(lowrank_config.freeze_step, total, "freeze_step")
+        frozen = f"rank frozen at step {freeze}" if freeze is not None else "rank never frozen"
+        say(f"InRank: rank checks from step {warmup} every "
+            f"{resolve_steps(lowrank_config.check_every, total, 'check_every')} steps, {frozen} (of {total}).",
+            training_args)
+        if warmup >= total:
+            logger.warning("InRank never checks its rank in this run: rank_warmup_steps is step %d of %d.",
+                           warmup, total)
+    elif method == "svd":
+        say(f"svd: layers truncated once, now; {total} optimizer steps of training on the factors.", training_args)
+
+
+# --- the end of a run ---------------------------------------------------------------------------------------
+def save_final_model(trainer, output_dir: str) -> None:
+    """Save the trained model (and tokenizer/processor) into `output_dir` without ever leaving a half-written
+    model there: everything is written to a staging folder first, then moved in, `config.json` last."""
+    staging = os.path.join(output_dir, ".incomplete-final-model")
+    main = trainer.args.should_save
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(staging)
+    if main:
+        names = os.listdir(staging)
+        # The old model (from an earlier run) stops being a model first, then its weights go.
+        for marker in _MODEL_MARKERS:
+            if os.path.isfile(os.path.join(output_dir, marker)):
+                os.remove(os.path.join(output_dir, marker))
+        for name in os.listdir(output_dir):
+            if name.startswith(_WEIGHT_PREFIXES) and name not in names:
+                os.remove(os.path.join(output_dir, name))
+        for name in sorted(names, key=lambda n: n in _MODEL_MARKERS):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        os.rmdir(staging)
+    trainer.accelerator.wait_for_everyone()
+
+
+def write_model_card(model, output_dir: str, trainer, **card_kwargs) -> Optional[str]:
+    """The hf_lowrank model card (README.md + plots) when `hf_lowrank.hub` is available, else the Trainer's."""
+    if not trainer.args.should_save:
+        return None
+    try:
+        from hf_lowrank.hub import save_model_card
+    except ImportError:
+        save_model_card = None
+    if save_model_card is not None:
+        try:
+            return save_model_card(model, output_dir, source_dir=output_dir,
+                                   **{k: v for k, v in card_kwargs.items() if v is not None})
+        except FileExistsError as error:  # a hand-written README is kept
+            logger.warning("%s", error)
+            return None
+    trainer.create_model_card(model_name=os.path.basename(os.path.normpath(output_dir)))
+    return os.path.join(output_dir, "README.md")
+
+
+def push_model(push: Optional[dict], output_dir: str, training_args, **card_kwargs) -> None:
+    if push is None or not training_args.should_save:
+        return
+    repo_id = push["repo_id"]
+    if "/" not in repo_id:  # a bare name goes to the token owner's namespace, as with the Trainer
+        from huggingface_hub import HfApi
+
+        repo_id = HfApi().create_repo(repo_id, token=push["token"], private=push["private"], exist_ok=True).repo_id
+    say(f"pushing {output_dir} to the Hub as {repo_id}", training_args)
+    info = push["push"](output_dir, repo_id, token=push["token"], private=push["private"],
+                        revision=push["revision"], **{k: v for k, v in card_kwargs.items() if v is not None})
+    say(f"pushed: {getattr(info, 'commit_url', None) or push['repo_id']}", training_args)
+
+
+def _fmt(n: int) -> str:
+    return f"{n:,}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+_METHOD_NAMES = {"oialr": "OIALR", "inrank": "InRank", "svd": "one-shot SVD"}
+
+
+def print_summary(model, lowrank_config, metrics: dict, output_dir: str, training_args, auto_class: str,
+                  train_seconds: Optional[float] = None, trainer=None, saved_model: bool = True) -> str:
+    """Print (main process) the dense-vs-compressed summary, metrics included; returns the text."""
+    summary = lowrank_summary(model)
+    if lowrank_config is not None:
+        method = _METHOD_NAMES.get(lowrank_config.method, lowrank_config.method)
+    elif summary.layers:  # a factorized checkpoint used with --lowrank_method none
+        loaded = getattr(getattr(model, "lowrank_config", None), "method", None)
+        method = f"{_METHOD_NAMES.get(loaded, 'low-rank')} checkpoint, no rank schedule in this run"
+    else:
+        method = "dense (no low-rank method)"
+    saved = summary.dense_params - summary.params
+    dense_total = summary.model_params + saved
+    rows = [("", "dense", f"low-rank ({method})" if lowrank_config is not None else "this model")]
+    if lowrank_config is None and summary.layers:
+        rows = [("", "dense", "low-rank")]
+    if summary.layers:
+        full = sum(l.max_rank for l in summary.layers.values())
+        held = sum(l.rank for l in summary.layers.values())
+        rows += [
+            (f"factorized layers ({len(summary.layers)}): parameters", _fmt(summary.dense_params),
+             f"{_fmt(summary.params)} ({summary.compression:.1%})"),
+            ("factorized layers: total rank", _fmt(full), f"{_fmt(held)} ({summary.rank_fraction:.1%})"),
+        ]
+    elif lowrank_config is not None:
+        rows.append(("factorized layers", "-", "none (the schedule never factorized a layer)"))
+    if lowrank_config is None and not summary.layers:
+        rows = [("", "", "dense model"), ("model parameters", "", _fmt(summary.model_params))]
+    else:
+        rows.append(("model parameters", _fmt(dense_total),
+                     f"{_fmt(summary.model_params)} ({summary.model_params / dense_total:.1%})"))
+    rows.append(("trainable parameters now", "", _fmt(summary.trainable_params)))
+    for key in ("perplexity", "eval_loss", "eval_accuracy"):
+        if key in metrics:
+            value = metrics[key]
+            rows.append((key.replace("eval_", "eval ") if key != "perplexity" else "eval perplexity", "",
+                         f"{value:.4f}" if key != "perplexity" else f"{value:.2f}"))
+    if train_seconds is not None:
+        rows.append(("training time", "", _duration(train_seconds)))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    rule = sum(width) + 6
+    lines = ["", "=" * rule, f"hf_lowrank summary: {type(model).__name__}, {method}", "-" * rule]
+    lines += [f"{r[0]:<{width[0]}}   {r[1]:>{width[1]}}   {r[2]:>{width[2]}}" for r in rows]
+    history = getattr(getattr(trainer, "lowrank", None), "history", None) or []
+    changes = [h for h in history if h.get("event") not in (None, "start")]
+    if changes:
+        def frac(h):
+            full = sum(l.max_rank for l in summary.layers.values()) or 1
+            return sum(h["ranks"].values()) / full
+
+        lines.append("rank changes: " + ", ".join(f"step {h['step']} {h['event']} → {frac(h):.0%}" for h in changes))
+    if summary.layers:
+        lines += ["-" * rule, "per-layer ranks:", str(summary)]
+    if saved_model:
+        lines += ["-" * rule, f"model saved to {output_dir}",
+                  f"reload: import hf_lowrank; from transformers import {auto_class}; "
+                  f"{auto_class}.from_pretrained({output_dir!r})"]
+    lines.append("=" * rule)
+    text = "\n".join(lines)
+    if training_args.process_index == 0:
+        print(text, flush=True)
+    return text
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def describe_data(dataset_name=None, dataset_config_name=None, files=(), stdlib=False) -> str:
+    if stdlib:
+        return "the docstrings of the installed Python standard library (the offline demo corpus)"
+    if dataset_name:
+        return f"`{dataset_name}`" + (f" (`{dataset_config_name}`)" if dataset_config_name else "")
+    return "local files " + ", ".join(f"`{os.path.basename(str(f))}`" for f in files if f)
+
+
+def train_evaluate_report(trainer, model, lowrank_config, training_args, train_dataset, eval_dataset,
+                          auto_class: str, push: Optional[dict] = None, card_kwargs: Optional[dict] = None,
+                          add_eval_metrics=None) -> dict:
+    """The end of every script: train, move the final model into `output_dir`, evaluate, print the summary,
+    write the model card, push. Returns `{"metrics", "summary", "output_dir", "trainer"}`."""
+    results, train_seconds = {}, None
+    output_dir = training_args.output_dir
+    if training_args.do_train:
+        describe_schedule(lowrank_config, training_args, len(train_dataset))
+        with Timer() as timer:
+            train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        train_seconds = timer.seconds
+        save_final_model(trainer, output_dir)  # the tokenizer / image processor too
+        metrics = dict(train_result.metrics)
+        metrics["train_samples"] = len(train_dataset)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        results.update(metrics)
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        metrics["eval_samples"] = len(eval_dataset)
+        if add_eval_metrics is not None:
+            add_eval_metrics(metrics)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
+    summary = print_summary(model, lowrank_config, results, output_dir, training_args, auto_class,
+                            train_seconds=train_seconds, trainer=trainer, saved_model=training_args.do_train)
+    if training_args.do_train:
+        card_kwargs = {"model_name": os.path.basename(os.path.normpath(output_dir)), **(card_kwargs or {})}
+        repo_id = (push or {}).get("repo_id") or training_args.hub_model_id or output_dir
+        card = write_model_card(model, output_dir, trainer, repo_id=repo_id, **card_kwargs)
+        if card:
+            say(f"model card: {card}", training_args)
+        push_model(push, output_dir, training_args, **card_kwargs)
+    return {"metrics": results, "summary": summary, "output_dir": output_dir, "trainer": trainer}
