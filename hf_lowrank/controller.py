@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -69,7 +70,7 @@ class LowRankController:
         if self.config is None:
             raise ValueError("The model has no LowRankConfig: call hf_lowrank.get_lowrank_model(model, config) "
                              "first, or pass config=.")
-        _refuse_sharded(accelerator)
+        _check_accelerator(accelerator)
         self.method = get_method(self.config)
         self.targets = find_targets(self.model, self.config)
         self.optimizer = optimizer
@@ -216,8 +217,8 @@ class LowRankController:
             json.dump({"method": self.method.name, "config": self.config.to_dict(), "history": self.history}, f)
 
 
-def _refuse_sharded(accelerator) -> None:
-    """Rank changes replace parameters; under FSDP/DeepSpeed that would silently desynchronize."""
+def _check_accelerator(accelerator) -> None:
+    """Refuse sharded training; warn when several processes were launched but do not form one group."""
     if accelerator is None:
         return
     from accelerate.utils import DistributedType
@@ -227,3 +228,8 @@ def _refuse_sharded(accelerator) -> None:
             f"hf_lowrank does not support {accelerator.distributed_type.value}: rank changes replace parameters, "
             "which sharded training would silently stop synchronizing. Use DDP (`accelerate launch --multi_gpu`, "
             "or multi-CPU) instead; compress a model with method='svd' first if it must be sharded.")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
+        warnings.warn(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} but the accelerator runs a single process: the processes train "
+            "independently. On CPU, create the Accelerator with cpu=True (TrainingArguments(use_cpu=True)) or "
+            "set ACCELERATE_USE_CPU=1.")

@@ -172,6 +172,10 @@ class LowRankHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         from .config import LowRankConfig
 
+        # Loading replaces parameters with fresh, trainable ones: re-freeze the factors that were frozen
+        # (OIALR's bases), or continued training would move them.
+        for name, factors in self.quantization_config.trainable.items():
+            model.get_submodule(name).set_trainable(factors)
         if self.quantization_config.lowrank_config and getattr(model, "lowrank_config", None) is None:
             model.lowrank_config = LowRankConfig.from_dict(self.quantization_config.lowrank_config)
         model.is_quantized = False

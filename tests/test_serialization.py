@@ -62,6 +62,15 @@ def test_svd_round_trip_through_auto_class(arch, tmp_path):
     assert losses[-1] < losses[0]
 
 
+def test_reload_keeps_frozen_factors_frozen(tmp_path):
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(method="oialr", delay_steps=0, sigma_cutoff=0.0))
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    layer = reloaded.transformer.h[0].mlp.c_fc
+    assert layer.trainable_factors() == ["S"] and not layer.U.requires_grad and not layer.V.requires_grad
+    assert lowrank_summary(reloaded).trainable_params == lowrank_summary(model).trainable_params
+
+
 def test_reload_in_bf16_and_float_cast(tmp_path):
     model = get_lowrank_model(tiny_gpt2(), LowRankConfig(method="svd"))
     model.save_pretrained(tmp_path)
