@@ -48,10 +48,10 @@ from transformers import (  # noqa: E402
 import hf_lowrank  # noqa: E402,F401  (registers the quantizer: saved low-rank models reload factorized)
 from lowrank_args import LowRankArguments  # noqa: E402
 from script_utils import (  # noqa: E402
-    describe_data, logger,
-    check_column, check_local_files, check_lowrank_args, check_push, check_training_args, column_texts,
-    config_with_overrides, fail, from_pretrained, hf_lowrank_cache, load_hub_dataset, load_local_dataset,
-    overridden_keys, parse_arguments, prepare_lowrank_model, say, setup_logging,
+    BaseDataArguments, BaseTextModelArguments, check_column, check_local_files, check_lowrank_args,
+    check_model_args, check_push, check_tokenizer_args, check_training_args, column_texts, config_with_overrides,
+    fail, from_pretrained, hf_lowrank_cache, hub_kwargs, load_hub_dataset, load_local_dataset, model_card_kwargs,
+    model_type_field, overridden_keys, parse_arguments, prepare_lowrank_model, say, setup_logging, take_samples,
     train_evaluate_report, trained_tokenizer, trainer_class,
 )
 
@@ -59,55 +59,15 @@ MODEL_TYPES = tuple(conf.model_type for conf in MODEL_FOR_SEQUENCE_CLASSIFICATIO
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(BaseTextModelArguments):
     """Which model/config/tokenizer to fine-tune or train (as in the HF run_classification.py, plus building
     from a config)."""
 
-    model_name_or_path: Optional[str] = field(
-        default=None,
-        metadata={"help": "Path to pretrained model or model identifier from huggingface.co/models (or build one "
-                  "from a config with --model_type / --config_name)."},
-    )
-    model_type: Optional[str] = field(
-        default=None,
-        metadata={"help": "If training from scratch, pass a model type from the list: " + ", ".join(MODEL_TYPES)},
-    )
+    model_type: Optional[str] = model_type_field(MODEL_TYPES)
     config_overrides: Optional[str] = field(
         default=None,
         metadata={"help": "Override default config settings of --model_type. Example: "
                   "hidden_size=256,num_hidden_layers=4,num_attention_heads=4,intermediate_size=1024"},
-    )
-    config_name: Optional[str] = field(
-        default=None, metadata={"help": "Pretrained config name or path if not the same as model_name"}
-    )
-    tokenizer_name: Optional[str] = field(
-        default=None, metadata={"help": "Pretrained tokenizer name or path if not the same as model_name"}
-    )
-    train_tokenizer_vocab_size: Optional[int] = field(
-        default=None,
-        metadata={"help": "Train a byte-level BPE tokenizer of this many tokens on the training texts (for a model "
-                  "built from a config, when no --tokenizer_name is given). Cached; saved with the model."},
-    )
-    cache_dir: Optional[str] = field(
-        default=None,
-        metadata={"help": "Where do you want to store the pretrained models downloaded from huggingface.co"},
-    )
-    use_fast_tokenizer: bool = field(
-        default=True,
-        metadata={"help": "Whether to use one of the fast tokenizer (backed by the tokenizers library) or not."},
-    )
-    model_revision: str = field(
-        default="main",
-        metadata={"help": "The specific model version to use (can be a branch name, tag name or commit id)."},
-    )
-    token: Optional[str] = field(
-        default=None,
-        metadata={"help": "The token to use as HTTP bearer authorization for remote files. If not specified, will "
-                  "use the token generated when running `hf auth login` (stored in `~/.huggingface`)."},
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Whether to trust the execution of code from datasets/models defined on the Hub."},
     )
     ignore_mismatched_sizes: bool = field(
         default=False,
@@ -116,15 +76,9 @@ class ModelArguments:
 
 
 @dataclass
-class DataTrainingArguments:
+class DataTrainingArguments(BaseDataArguments):
     """What data to train and evaluate on (as in the HF run_classification.py)."""
 
-    dataset_name: Optional[str] = field(
-        default=None, metadata={"help": "The name of the dataset to use (via the datasets library)."}
-    )
-    dataset_config_name: Optional[str] = field(
-        default=None, metadata={"help": "The configuration name of the dataset to use (via the datasets library)."}
-    )
     do_regression: Optional[bool] = field(
         default=None,
         metadata={"help": "Whether to do regression instead of classification. If None, will be inferred from the "
@@ -175,16 +129,6 @@ class DataTrainingArguments:
     )
     shuffle_train_dataset: bool = field(default=False, metadata={"help": "Whether to shuffle the train dataset or not."})
     shuffle_seed: int = field(default=42, metadata={"help": "Random seed that will be used to shuffle the train dataset."})
-    max_train_samples: Optional[int] = field(
-        default=None,
-        metadata={"help": "For debugging purposes or quicker training, truncate the number of training examples to "
-                  "this value if set."},
-    )
-    max_eval_samples: Optional[int] = field(
-        default=None,
-        metadata={"help": "For debugging purposes or quicker training, truncate the number of evaluation examples "
-                  "to this value if set."},
-    )
     train_file: Optional[str] = field(default=None, metadata={"help": "A csv or a json file containing the training data."})
     validation_file: Optional[str] = field(
         default=None, metadata={"help": "A csv or a json file containing the validation data."}
@@ -193,21 +137,11 @@ class DataTrainingArguments:
 
 def validate(model_args, data_args, training_args) -> None:
     check_training_args(training_args)
-    if model_args.config_overrides is not None and (model_args.config_name or model_args.model_name_or_path):
-        fail("--config_overrides can't be used in combination with --config_name or --model_name_or_path "
-             "(it overrides the defaults of --model_type).")
-    if not (model_args.model_name_or_path or model_args.config_name or model_args.model_type):
-        fail("no model: pass --model_name_or_path (a checkpoint, e.g. bert-base-uncased), or --model_type (e.g. "
-             "bert, with --config_overrides) or --config_name to build one from a config.")
-    if model_args.model_type is not None and model_args.model_type not in MODEL_TYPES:
-        fail(f"--model_type {model_args.model_type!r} has no sequence-classification model; choose one of "
-             f"{', '.join(MODEL_TYPES)}.")
-    if model_args.train_tokenizer_vocab_size and (model_args.tokenizer_name or model_args.model_name_or_path):
-        logger.warning("--train_tokenizer_vocab_size is ignored: the tokenizer comes from %s.",
-                       model_args.tokenizer_name or model_args.model_name_or_path)
-    if not (model_args.tokenizer_name or model_args.model_name_or_path or model_args.train_tokenizer_vocab_size):
-        fail("no tokenizer for a model built from a config: pass --tokenizer_name (a local tokenizer directory or a "
-             "Hub id) or --train_tokenizer_vocab_size N to train one on the training texts.")
+    check_model_args(model_args, MODEL_TYPES,
+                     "no model: pass --model_name_or_path (a checkpoint, e.g. bert-base-uncased), or --model_type "
+                     "(e.g. bert, with --config_overrides) or --config_name to build one from a config.",
+                     "has no sequence-classification model")
+    check_tokenizer_args(model_args, "training texts")
     if data_args.dataset_name is None:
         if data_args.train_file is None or data_args.validation_file is None:
             fail("no data: pass --dataset_name (a Hub dataset) or both --train_file and --validation_file "
@@ -294,8 +228,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                  "least two (or pass --do_regression).")
 
     # --- config, tokenizer, model ---
-    common = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token,
-              "trust_remote_code": model_args.trust_remote_code}
+    common = hub_kwargs(model_args)
     from_scratch = not model_args.model_name_or_path
     label_kwargs = {"num_labels": num_labels}
     if label_list is not None:
@@ -379,12 +312,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         train_dataset = processed["train"]
         if data_args.shuffle_train_dataset:
             train_dataset = train_dataset.shuffle(seed=data_args.shuffle_seed)
-        if data_args.max_train_samples is not None:
-            train_dataset = train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
+        train_dataset = take_samples(train_dataset, data_args.max_train_samples)
     if training_args.do_eval:
-        eval_dataset = processed["validation"]
-        if data_args.max_eval_samples is not None:
-            eval_dataset = eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
+        eval_dataset = take_samples(processed["validation"], data_args.max_eval_samples)
 
     def compute_metrics(p: EvalPrediction):
         preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
@@ -403,12 +333,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         compute_metrics=compute_metrics, processing_class=tokenizer, data_collator=data_collator,
     )
-    data = describe_data(data_args.dataset_name, data_args.dataset_config_name,
-                         (data_args.train_file, data_args.validation_file))
-    card_kwargs = {"base_model": model_args.model_name_or_path, "datasets": data_args.dataset_name,
-                   "dataset_config": data_args.dataset_config_name,
-                   "dataset_split": "validation" if training_args.do_eval else None,
-                   "description": f"Trained with `training_scripts/run_classification.py` of hf_lowrank on {data}."}
+    card_kwargs = model_card_kwargs(model_args, data_args, training_args, "run_classification.py",
+                                    (data_args.train_file, data_args.validation_file))
     return train_evaluate_report(trainer, model, lowrank_config, training_args, train_dataset, eval_dataset,
                                  "AutoModelForSequenceClassification", push=push, card_kwargs=card_kwargs)
 

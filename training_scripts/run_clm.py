@@ -51,11 +51,11 @@ from transformers import (  # noqa: E402
 import hf_lowrank  # noqa: E402,F401  (registers the quantizer: saved low-rank models reload factorized)
 from lowrank_args import LowRankArguments  # noqa: E402
 from script_utils import (  # noqa: E402
-    describe_data, logger,
-    check_column, check_local_files, check_lowrank_args, check_push, check_training_args, column_texts,
-    config_with_overrides, fail, from_pretrained, hf_lowrank_cache, load_hub_dataset, load_local_dataset,
-    overridden_keys, parse_arguments, prepare_lowrank_model, say, setup_logging, stdlib_corpus,
-    train_evaluate_report, trained_tokenizer, trainer_class,
+    BaseDataArguments, BaseTextModelArguments, check_column, check_local_files, check_lowrank_args,
+    check_model_args, check_push, check_tokenizer_args, check_training_args, column_texts, config_with_overrides,
+    fail, from_pretrained, hf_lowrank_cache, hub_kwargs, load_hub_dataset, load_local_dataset, model_card_kwargs,
+    model_type_field, overridden_keys, parse_arguments, prepare_lowrank_model, say, setup_logging, stdlib_corpus,
+    take_samples, train_evaluate_report, trained_tokenizer, trainer_class,
 )
 
 MODEL_TYPES = tuple(conf.model_type for conf in MODEL_FOR_CAUSAL_LM_MAPPING.keys())
@@ -83,7 +83,7 @@ DEMO_ARGS = [
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(BaseTextModelArguments):
     """Which model/config/tokenizer to train or fine-tune (as in the HF run_clm.py)."""
 
     model_name_or_path: Optional[str] = field(
@@ -91,46 +91,16 @@ class ModelArguments:
         metadata={"help": "The model checkpoint for weights initialization. Don't set if you want to train a model "
                   "from scratch."},
     )
-    model_type: Optional[str] = field(
-        default=None,
-        metadata={"help": "If training from scratch, pass a model type from the list: " + ", ".join(MODEL_TYPES)},
-    )
+    model_type: Optional[str] = model_type_field(MODEL_TYPES)
     config_overrides: Optional[str] = field(
         default=None,
         metadata={"help": "Override some existing default config settings when a model is trained from scratch. "
                   "Example: n_embd=10,resid_pdrop=0.2,scale_attn_weights=false,summary_type=cls_index"},
     )
-    config_name: Optional[str] = field(
-        default=None, metadata={"help": "Pretrained config name or path if not the same as model_name"}
-    )
-    tokenizer_name: Optional[str] = field(
-        default=None, metadata={"help": "Pretrained tokenizer name or path if not the same as model_name"}
-    )
     train_tokenizer_vocab_size: Optional[int] = field(
         default=None,
         metadata={"help": "Train a byte-level BPE tokenizer of this many tokens on the training split (for a model "
                   "built from a config, when no --tokenizer_name is given). Cached; saved with the model."},
-    )
-    cache_dir: Optional[str] = field(
-        default=None,
-        metadata={"help": "Where do you want to store the pretrained models downloaded from huggingface.co"},
-    )
-    use_fast_tokenizer: bool = field(
-        default=True,
-        metadata={"help": "Whether to use one of the fast tokenizer (backed by the tokenizers library) or not."},
-    )
-    model_revision: str = field(
-        default="main",
-        metadata={"help": "The specific model version to use (can be a branch name, tag name or commit id)."},
-    )
-    token: Optional[str] = field(
-        default=None,
-        metadata={"help": "The token to use as HTTP bearer authorization for remote files. If not specified, will "
-                  "use the token generated when running `hf auth login` (stored in `~/.huggingface`)."},
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Whether to trust the execution of code from datasets/models defined on the Hub."},
     )
     dtype: Optional[str] = field(
         default=None,
@@ -140,15 +110,9 @@ class ModelArguments:
 
 
 @dataclass
-class DataTrainingArguments:
+class DataTrainingArguments(BaseDataArguments):
     """What data to train and evaluate on (as in the HF run_clm.py, plus the stdlib corpus and a text column)."""
 
-    dataset_name: Optional[str] = field(
-        default=None, metadata={"help": "The name of the dataset to use (via the datasets library)."}
-    )
-    dataset_config_name: Optional[str] = field(
-        default=None, metadata={"help": "The configuration name of the dataset to use (via the datasets library)."}
-    )
     train_file: Optional[str] = field(default=None, metadata={"help": "The input training data file (a text file)."})
     validation_file: Optional[str] = field(
         default=None,
@@ -161,16 +125,6 @@ class DataTrainingArguments:
     )
     text_column_name: Optional[str] = field(
         default=None, metadata={"help": "The column holding the text (default: 'text', else the first column)."}
-    )
-    max_train_samples: Optional[int] = field(
-        default=None,
-        metadata={"help": "For debugging purposes or quicker training, truncate the number of training examples to "
-                  "this value if set."},
-    )
-    max_eval_samples: Optional[int] = field(
-        default=None,
-        metadata={"help": "For debugging purposes or quicker training, truncate the number of evaluation examples "
-                  "to this value if set."},
     )
     block_size: Optional[int] = field(
         default=None,
@@ -192,20 +146,10 @@ class DataTrainingArguments:
 def validate(model_args, data_args, training_args) -> None:
     """Argument combinations, before anything is loaded."""
     check_training_args(training_args)
-    if model_args.config_overrides is not None and (model_args.config_name or model_args.model_name_or_path):
-        fail("--config_overrides can't be used in combination with --config_name or --model_name_or_path "
-             "(it overrides the defaults of --model_type).")
-    if not (model_args.model_name_or_path or model_args.config_name or model_args.model_type):
-        fail("no model: pass --model_name_or_path (a checkpoint), or --model_type (e.g. gpt2, with "
-             "--config_overrides) or --config_name to train from scratch.")
-    if model_args.model_type is not None and model_args.model_type not in MODEL_TYPES:
-        fail(f"--model_type {model_args.model_type!r} is not a causal LM type; choose one of {', '.join(MODEL_TYPES)}.")
-    if model_args.train_tokenizer_vocab_size and (model_args.tokenizer_name or model_args.model_name_or_path):
-        logger.warning("--train_tokenizer_vocab_size is ignored: the tokenizer comes from %s.",
-                       model_args.tokenizer_name or model_args.model_name_or_path)
-    if not (model_args.tokenizer_name or model_args.model_name_or_path or model_args.train_tokenizer_vocab_size):
-        fail("no tokenizer for a model built from a config: pass --tokenizer_name (a local tokenizer directory or a "
-             "Hub id) or --train_tokenizer_vocab_size N to train one on the training data.")
+    check_model_args(model_args, MODEL_TYPES,
+                     "no model: pass --model_name_or_path (a checkpoint), or --model_type (e.g. gpt2, with "
+                     "--config_overrides) or --config_name to train from scratch.", "is not a causal LM type")
+    check_tokenizer_args(model_args, "training data")
     sources = [name for name, given in (("--dataset_name", data_args.dataset_name),
                                         ("--train_file/--validation_file",
                                          data_args.train_file or data_args.validation_file),
@@ -288,8 +232,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         text_column_name = "text" if "text" in column_names else column_names[0]
 
     # --- config ---
-    config_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision,
-                     "token": model_args.token, "trust_remote_code": model_args.trust_remote_code}
+    config_kwargs = hub_kwargs(model_args)
     from_scratch = not model_args.model_name_or_path
     if model_args.config_name:
         config = from_pretrained(AutoConfig.from_pretrained, model_args.config_name, "config", **config_kwargs)
@@ -306,9 +249,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
              f"use --block_size {context} or less, {how}.")
 
     # --- tokenizer ---
-    tokenizer_kwargs = {"cache_dir": model_args.cache_dir, "use_fast": model_args.use_fast_tokenizer,
-                        "revision": model_args.model_revision, "token": model_args.token,
-                        "trust_remote_code": model_args.trust_remote_code}
+    tokenizer_kwargs = {**hub_kwargs(model_args), "use_fast": model_args.use_fast_tokenizer}
     if model_args.tokenizer_name:
         tokenizer = from_pretrained(AutoTokenizer.from_pretrained, model_args.tokenizer_name, "tokenizer",
                                     **tokenizer_kwargs)
@@ -381,18 +322,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     train_dataset = eval_dataset = None
     if training_args.do_train:
-        train_dataset = lm_datasets["train"]
-        if data_args.max_train_samples is not None:
-            train_dataset = train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
+        train_dataset = take_samples(lm_datasets["train"], data_args.max_train_samples)
         if len(train_dataset) == 0:
             fail(f"the training data holds fewer than --block_size {block_size} tokens: use a smaller --block_size "
                  "or more data.")
     if training_args.do_eval:
         if "validation" not in lm_datasets:
             fail("--do_eval needs a validation split: pass --validation_file or a dataset with one.")
-        eval_dataset = lm_datasets["validation"]
-        if data_args.max_eval_samples is not None:
-            eval_dataset = eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
+        eval_dataset = take_samples(lm_datasets["validation"], data_args.max_eval_samples)
         if len(eval_dataset) == 0:
             fail(f"the validation data holds fewer than --block_size {block_size} tokens: use a smaller "
                  "--block_size or more validation data.")
@@ -429,12 +366,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         except OverflowError:
             metrics["perplexity"] = float("inf")
 
-    data = describe_data(data_args.dataset_name, data_args.dataset_config_name,
-                         (data_args.train_file, data_args.validation_file), stdlib=data_args.use_stdlib_corpus)
-    card_kwargs = {"base_model": model_args.model_name_or_path, "datasets": data_args.dataset_name,
-                   "dataset_config": data_args.dataset_config_name,
-                   "dataset_split": "validation" if training_args.do_eval else None,
-                   "description": f"Trained with `training_scripts/run_clm.py` of hf_lowrank on {data}."}
+    card_kwargs = model_card_kwargs(model_args, data_args, training_args, "run_clm.py",
+                                    (data_args.train_file, data_args.validation_file),
+                                    stdlib=data_args.use_stdlib_corpus)
     return train_evaluate_report(trainer, model, lowrank_config, training_args, train_dataset, eval_dataset,
                                  "AutoModelForCausalLM", push=push, card_kwargs=card_kwargs,
                                  add_eval_metrics=add_perplexity)

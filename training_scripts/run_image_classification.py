@@ -46,17 +46,17 @@ from transformers.utils import is_torchvision_available  # noqa: E402
 import hf_lowrank  # noqa: E402,F401  (registers the quantizer: saved low-rank models reload factorized)
 from lowrank_args import LowRankArguments  # noqa: E402
 from script_utils import (  # noqa: E402
-    describe_data,
-    check_column, check_lowrank_args, check_push, check_training_args, config_with_overrides, fail,
-    from_pretrained, load_hub_dataset, load_local_dataset, parse_arguments, prepare_lowrank_model, say,
-    setup_logging, train_evaluate_report, trainer_class,
+    BaseDataArguments, BaseModelArguments, check_column, check_lowrank_args, check_model_args, check_push,
+    check_training_args, config_with_overrides, fail, from_pretrained, hub_kwargs, load_hub_dataset,
+    load_local_dataset, model_card_kwargs, model_type_field, parse_arguments, prepare_lowrank_model, say,
+    setup_logging, take_samples, train_evaluate_report, trainer_class,
 )
 
 MODEL_TYPES = tuple(conf.model_type for conf in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING.keys())
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(BaseModelArguments):
     """Which model/config/image processor to fine-tune or train (as in the HF run_image_classification.py,
     plus building from a config)."""
 
@@ -65,36 +65,17 @@ class ModelArguments:
         metadata={"help": "Path to pretrained model or model identifier from huggingface.co/models, e.g. "
                   "google/vit-base-patch16-224-in21k (or build one from a config with --model_type/--config_name)."},
     )
-    model_type: Optional[str] = field(
-        default=None,
-        metadata={"help": "If training from scratch, pass a model type from the list: " + ", ".join(MODEL_TYPES)},
-    )
+    model_type: Optional[str] = model_type_field(MODEL_TYPES)
     config_overrides: Optional[str] = field(
         default=None,
         metadata={"help": "Override default config settings of --model_type. Example: "
                   "image_size=32,patch_size=4,hidden_size=192,num_hidden_layers=6,num_attention_heads=3,"
                   "intermediate_size=768"},
     )
-    config_name: Optional[str] = field(
-        default=None, metadata={"help": "Pretrained config name or path if not the same as model_name"}
-    )
     cache_dir: Optional[str] = field(
         default=None, metadata={"help": "Where do you want to store the pretrained models downloaded from the Hub"}
     )
-    model_revision: str = field(
-        default="main",
-        metadata={"help": "The specific model version to use (can be a branch name, tag name or commit id)."},
-    )
     image_processor_name: Optional[str] = field(default=None, metadata={"help": "Name or path of preprocessor config."})
-    token: Optional[str] = field(
-        default=None,
-        metadata={"help": "The token to use as HTTP bearer authorization for remote files. If not specified, will "
-                  "use the token generated when running `hf auth login` (stored in `~/.huggingface`)."},
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Whether to trust the execution of code from datasets/models defined on the Hub."},
-    )
     ignore_mismatched_sizes: bool = field(
         default=False,
         metadata={"help": "Will enable to load a pretrained model whose head dimensions are different."},
@@ -102,7 +83,7 @@ class ModelArguments:
 
 
 @dataclass
-class DataTrainingArguments:
+class DataTrainingArguments(BaseDataArguments):
     """What data to train and evaluate on (as in the HF run_image_classification.py)."""
 
     dataset_name: Optional[str] = field(
@@ -110,23 +91,10 @@ class DataTrainingArguments:
         metadata={"help": "Name of a dataset from the hub (could be your own, possibly private dataset hosted on "
                   "the hub)."},
     )
-    dataset_config_name: Optional[str] = field(
-        default=None, metadata={"help": "The configuration name of the dataset to use (via the datasets library)."}
-    )
     train_dir: Optional[str] = field(default=None, metadata={"help": "A folder containing the training data."})
     validation_dir: Optional[str] = field(default=None, metadata={"help": "A folder containing the validation data."})
     train_val_split: Optional[float] = field(
         default=0.15, metadata={"help": "Percent to split off of train for validation."}
-    )
-    max_train_samples: Optional[int] = field(
-        default=None,
-        metadata={"help": "For debugging purposes or quicker training, truncate the number of training examples to "
-                  "this value if set."},
-    )
-    max_eval_samples: Optional[int] = field(
-        default=None,
-        metadata={"help": "For debugging purposes or quicker training, truncate the number of evaluation examples "
-                  "to this value if set."},
     )
     image_column_name: str = field(
         default="image", metadata={"help": "The name of the dataset column containing the image data."}
@@ -138,15 +106,10 @@ class DataTrainingArguments:
 
 def validate(model_args, data_args, training_args) -> None:
     check_training_args(training_args)
-    if model_args.config_overrides is not None and (model_args.config_name or model_args.model_name_or_path):
-        fail("--config_overrides can't be used in combination with --config_name or --model_name_or_path "
-             "(it overrides the defaults of --model_type).")
-    if not (model_args.model_name_or_path or model_args.config_name or model_args.model_type):
-        fail("no model: pass --model_name_or_path (a checkpoint, e.g. google/vit-base-patch16-224-in21k), or "
-             "--model_type (e.g. vit, with --config_overrides) or --config_name to build one from a config.")
-    if model_args.model_type is not None and model_args.model_type not in MODEL_TYPES:
-        fail(f"--model_type {model_args.model_type!r} has no image-classification model; choose one of "
-             f"{', '.join(MODEL_TYPES)}.")
+    check_model_args(model_args, MODEL_TYPES,
+                     "no model: pass --model_name_or_path (a checkpoint, e.g. google/vit-base-patch16-224-in21k), or "
+                     "--model_type (e.g. vit, with --config_overrides) or --config_name to build one from a config.",
+                     "has no image-classification model")
     if data_args.dataset_name is None and data_args.train_dir is None and data_args.validation_dir is None:
         fail("no data: pass --dataset_name (a Hub dataset) or --train_dir/--validation_dir (image folders with one "
              "sub-folder per class).")
@@ -204,8 +167,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     id2label = {i: label for i, label in enumerate(labels)}
 
     # --- config, model, image processor ---
-    common = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token,
-              "trust_remote_code": model_args.trust_remote_code}
+    common = hub_kwargs(model_args)
     label_kwargs = {"num_labels": len(labels), "label2id": label2id, "id2label": id2label}
     if model_args.config_name or model_args.model_name_or_path:
         config = from_pretrained(AutoConfig.from_pretrained, model_args.config_name or model_args.model_name_or_path,
@@ -252,16 +214,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     train_dataset = eval_dataset = None
     if training_args.do_train:
-        train_dataset = dataset["train"]
-        if data_args.max_train_samples is not None:
-            train_dataset = train_dataset.shuffle(seed=training_args.seed).select(
-                range(min(len(train_dataset), data_args.max_train_samples)))
+        train_dataset = take_samples(dataset["train"], data_args.max_train_samples, shuffle_seed=training_args.seed)
         train_dataset.set_transform(lambda batch: transform(batch, train=True))
     if training_args.do_eval:
-        eval_dataset = dataset["validation"]
-        if data_args.max_eval_samples is not None:
-            eval_dataset = eval_dataset.shuffle(seed=training_args.seed).select(
-                range(min(len(eval_dataset), data_args.max_eval_samples)))
+        eval_dataset = take_samples(dataset["validation"], data_args.max_eval_samples, shuffle_seed=training_args.seed)
         eval_dataset.set_transform(lambda batch: transform(batch, train=False))
 
     def collate_fn(examples):
@@ -276,12 +232,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         compute_metrics=compute_metrics, processing_class=image_processor, data_collator=collate_fn,
     )
-    data = describe_data(data_args.dataset_name, data_args.dataset_config_name,
-                         (data_args.train_dir, data_args.validation_dir))
-    card_kwargs = {"base_model": model_args.model_name_or_path, "datasets": data_args.dataset_name,
-                   "dataset_config": data_args.dataset_config_name,
-                   "dataset_split": "validation" if training_args.do_eval else None,
-                   "description": f"Trained with `training_scripts/run_image_classification.py` of hf_lowrank on {data}."}
+    card_kwargs = model_card_kwargs(model_args, data_args, training_args, "run_image_classification.py",
+                                    (data_args.train_dir, data_args.validation_dir))
     return train_evaluate_report(trainer, model, lowrank_config, training_args, train_dataset, eval_dataset,
                                  "AutoModelForImageClassification", push=push, card_kwargs=card_kwargs)
 

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import datasets
@@ -49,6 +50,88 @@ def say(message: str, training_args=None) -> None:
 
 
 # --- arguments ----------------------------------------------------------------------------------------------
+def model_type_field(model_types: Iterable[str]):
+    """`--model_type`, its help listing the script's model types."""
+    return field(default=None, metadata={"help": "If training from scratch, pass a model type from the list: "
+                                         + ", ".join(model_types)})
+
+
+@dataclass
+class BaseModelArguments:
+    """The model arguments of every script (HF example names). A script's `ModelArguments` subclasses this, adds its
+    own fields, and overrides `model_type` (and help texts that differ)."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Path to pretrained model or model identifier from huggingface.co/models (or build one "
+                  "from a config with --model_type / --config_name)."},
+    )
+    model_type: Optional[str] = field(default=None, metadata={"help": "If training from scratch, pass a model type."})
+    config_overrides: Optional[str] = field(
+        default=None, metadata={"help": "Override default config settings of --model_type."}
+    )
+    config_name: Optional[str] = field(
+        default=None, metadata={"help": "Pretrained config name or path if not the same as model_name"}
+    )
+    cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Where do you want to store the pretrained models downloaded from huggingface.co"},
+    )
+    model_revision: str = field(
+        default="main",
+        metadata={"help": "The specific model version to use (can be a branch name, tag name or commit id)."},
+    )
+    token: Optional[str] = field(
+        default=None,
+        metadata={"help": "The token to use as HTTP bearer authorization for remote files. If not specified, will "
+                  "use the token generated when running `hf auth login` (stored in `~/.huggingface`)."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Whether to trust the execution of code from datasets/models defined on the Hub."},
+    )
+
+
+@dataclass
+class BaseTextModelArguments(BaseModelArguments):
+    """Plus the tokenizer (the text scripts)."""
+
+    tokenizer_name: Optional[str] = field(
+        default=None, metadata={"help": "Pretrained tokenizer name or path if not the same as model_name"}
+    )
+    train_tokenizer_vocab_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Train a byte-level BPE tokenizer of this many tokens on the training texts (for a model "
+                  "built from a config, when no --tokenizer_name is given). Cached; saved with the model."},
+    )
+    use_fast_tokenizer: bool = field(
+        default=True,
+        metadata={"help": "Whether to use one of the fast tokenizer (backed by the tokenizers library) or not."},
+    )
+
+
+@dataclass
+class BaseDataArguments:
+    """The data arguments of every script (HF example names); a script's `DataTrainingArguments` adds its own."""
+
+    dataset_name: Optional[str] = field(
+        default=None, metadata={"help": "The name of the dataset to use (via the datasets library)."}
+    )
+    dataset_config_name: Optional[str] = field(
+        default=None, metadata={"help": "The configuration name of the dataset to use (via the datasets library)."}
+    )
+    max_train_samples: Optional[int] = field(
+        default=None,
+        metadata={"help": "For debugging purposes or quicker training, truncate the number of training examples to "
+                  "this value if set."},
+    )
+    max_eval_samples: Optional[int] = field(
+        default=None,
+        metadata={"help": "For debugging purposes or quicker training, truncate the number of evaluation examples "
+                  "to this value if set."},
+    )
+
+
 def parse_arguments(dataclass_types, argv: Optional[list[str]], demo_args: Optional[list[str]] = None,
                     script: str = "script.py"):
     """Parse like the HF examples (`--flags`, or a single JSON file). With `demo_args`, no arguments at all, or
@@ -102,6 +185,28 @@ def setup_logging(training_args) -> None:
 def check_training_args(training_args) -> None:
     if not (training_args.do_train or training_args.do_eval):
         fail("nothing to do: pass --do_train and/or --do_eval (as in the Hugging Face example scripts).")
+
+
+def check_model_args(model_args, model_types: Iterable[str], no_model: str, what: str) -> None:
+    """--config_overrides only with --model_type; some model given (else fail with `no_model`); a --model_type the
+    script can build (`what`: e.g. "is not a causal LM type")."""
+    if model_args.config_overrides is not None and (model_args.config_name or model_args.model_name_or_path):
+        fail("--config_overrides can't be used in combination with --config_name or --model_name_or_path "
+             "(it overrides the defaults of --model_type).")
+    if not (model_args.model_name_or_path or model_args.config_name or model_args.model_type):
+        fail(no_model)
+    if model_args.model_type is not None and model_args.model_type not in model_types:
+        fail(f"--model_type {model_args.model_type!r} {what}; choose one of {', '.join(model_types)}.")
+
+
+def check_tokenizer_args(model_args, texts: str) -> None:
+    """A tokenizer from --tokenizer_name / --model_name_or_path, or one trained on the `texts`."""
+    if model_args.train_tokenizer_vocab_size and (model_args.tokenizer_name or model_args.model_name_or_path):
+        logger.warning("--train_tokenizer_vocab_size is ignored: the tokenizer comes from %s.",
+                       model_args.tokenizer_name or model_args.model_name_or_path)
+    if not (model_args.tokenizer_name or model_args.model_name_or_path or model_args.train_tokenizer_vocab_size):
+        fail("no tokenizer for a model built from a config: pass --tokenizer_name (a local tokenizer directory or a "
+             f"Hub id) or --train_tokenizer_vocab_size N to train one on the {texts}.")
 
 
 def check_lowrank_args(lowrank_args):
@@ -190,6 +295,22 @@ def from_pretrained(loader, name: str, what: str, **kwargs):
                "it is neither a local directory nor reachable on the Hub")
         fail(f"cannot load the {what} {name!r}: {why}. Pass a local directory (saved with save_pretrained), "
              "connect to the network once to cache it, or build the model from a config (--model_type).")
+
+
+def hub_kwargs(model_args) -> dict:
+    """The `from_pretrained` keyword arguments every script passes (cache, revision, token, remote code)."""
+    return {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token,
+            "trust_remote_code": model_args.trust_remote_code}
+
+
+def take_samples(dataset, max_samples: Optional[int], shuffle_seed: Optional[int] = None):
+    """The first `max_samples` examples of `dataset` (all of them for None), after a shuffle with `shuffle_seed`
+    when one is given (--max_train_samples / --max_eval_samples)."""
+    if max_samples is None:
+        return dataset
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(seed=shuffle_seed)
+    return dataset.select(range(min(len(dataset), max_samples)))
 
 
 def check_column(dataset_columns: Iterable[str], column: str, flag: str, source: str) -> None:
@@ -496,6 +617,15 @@ def describe_data(dataset_name=None, dataset_config_name=None, files=(), stdlib=
     if dataset_name:
         return f"`{dataset_name}`" + (f" (`{dataset_config_name}`)" if dataset_config_name else "")
     return "local files " + ", ".join(f"`{os.path.basename(str(f))}`" for f in files if f)
+
+
+def model_card_kwargs(model_args, data_args, training_args, script: str, files=(), stdlib=False) -> dict:
+    """What the model card says about the run: base model, data, and which script trained it."""
+    data = describe_data(data_args.dataset_name, data_args.dataset_config_name, files, stdlib=stdlib)
+    return {"base_model": model_args.model_name_or_path, "datasets": data_args.dataset_name,
+            "dataset_config": data_args.dataset_config_name,
+            "dataset_split": "validation" if training_args.do_eval else None,
+            "description": f"Trained with `training_scripts/{script}` of hf_lowrank on {data}."}
 
 
 def train_evaluate_report(trainer, model, lowrank_config, training_args, train_dataset, eval_dataset,
