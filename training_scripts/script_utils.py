@@ -441,34 +441,14 @@ def describe_schedule(lowrank_config, training_args, num_examples: int) -> None:
     """Say when the rank changes will happen; warn when the run is too short for them."""
     if lowrank_config is None or not training_args.do_train:
         return
-    from hf_lowrank.methods import resolve_steps
+    from hf_lowrank.methods import get_method
 
-    total = total_optimizer_steps(training_args, num_examples)
-    method = lowrank_config.method
-    if method == "oialr":
-        delay = resolve_steps(lowrank_config.delay_steps, total, "delay_steps")
-        every = resolve_steps(lowrank_config.update_every, total, "update_every")
-        say(f"OIALR: dense until optimizer step {delay}, then U Σ Vᵀ with a basis update every {every} steps "
-            f"(of {total}).", training_args)
-        if delay >= total:
-            logger.warning("OIALR never converts in this run: --delay_steps %s is step %d, the run has %d optimizer "
-                           "steps. Pass a fraction of the run instead, e.g. --delay_steps 0.3 --update_every 0.1.",
-                           lowrank_config.delay_steps, delay, total)
-    elif method == "inrank":
-        warmup = resolve_steps(lowrank_config.rank_warmup_steps, total, "rank_warmup_steps")
-        freeze = resolve_steps(lowrank_config.freeze_step, total, "freeze_step")
-        frozen = f"rank frozen at step {freeze}" if freeze is not None else "rank never frozen"
-        say(f"InRank: rank checks from step {warmup} every "
-            f"{resolve_steps(lowrank_config.check_every, total, 'check_every')} steps, {frozen} (of {total}).",
-            training_args)
-        if warmup >= total:
-            logger.warning("InRank never checks its rank in this run: rank_warmup_steps is step %d of %d.",
-                           warmup, total)
-    elif method == "svd":
-        say(f"svd: layers truncated once, now; {total} optimizer steps of training on the factors.", training_args)
+    text, warning = get_method(lowrank_config).describe(total_optimizer_steps(training_args, num_examples))
+    say(text, training_args)
+    if warning:
+        logger.warning(warning)
 
 
-# --- the end of a run ---------------------------------------------------------------------------------------
 def save_final_model(trainer, output_dir: str) -> None:
     """Save the trained model (and tokenizer/processor) into `output_dir` without ever leaving a half-written
     model there: everything is written to a staging folder first, then moved in, `config.json` last."""

@@ -74,6 +74,11 @@ class Method:
     def begin(self, model: nn.Module, targets: list[str]) -> None:
         """Called once when training starts (after the accelerator synchronized the weights)."""
 
+    def describe(self, total_steps: int) -> tuple[str, Optional[str]]:
+        """A one-line account of the schedule over a run of `total_steps` optimizer steps, and a warning
+        (or None) when the run is too short for it."""
+        return f"{self.name}: {total_steps} optimizer steps.", None
+
     def is_due(self, step: int, total_steps: Optional[int]) -> bool:
         """Whether `decide` has anything to do at this step; identical on every process."""
         return False

@@ -60,6 +60,15 @@ class InRankMethod(Method):
         freeze = resolve_steps(self.config.freeze_step, total_steps, "freeze_step")
         return warmup, every, freeze
 
+    def describe(self, total_steps):
+        warmup, every, freeze = self._steps(total_steps)
+        frozen = f"rank frozen at step {freeze}" if freeze is not None else "rank never frozen"
+        text = f"InRank: rank checks from step {warmup} every {every} steps, {frozen} (of {total_steps})."
+        warning = None
+        if warmup >= total_steps:
+            warning = f"InRank never checks its rank in this run: rank_warmup_steps is step {warmup} of {total_steps}."
+        return text, warning
+
     def is_due(self, step, total_steps):
         if self.frozen:
             return False

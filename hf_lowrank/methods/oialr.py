@@ -52,6 +52,17 @@ class OIALRMethod(Method):
             return self._convert(model, self.converted_targets(targets))
         return []
 
+    def describe(self, total_steps):
+        delay, every = self._delay(total_steps), self._every(total_steps)
+        text = (f"OIALR: dense until optimizer step {delay}, then U Σ Vᵀ with a basis update every {every} steps "
+                f"(of {total_steps}).")
+        warning = None
+        if delay >= total_steps:
+            warning = (f"OIALR never converts in this run: delay_steps={self.config.delay_steps} is step {delay}, the "
+                       f"run has {total_steps} optimizer steps. Pass a fraction of the run instead, e.g. "
+                       "--delay_steps 0.3 --update_every 0.1.")
+        return text, warning
+
     def is_due(self, step, total_steps):
         delay, every = self._delay(total_steps), self._every(total_steps)
         return step >= delay and (step - delay) % every == 0

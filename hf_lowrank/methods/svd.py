@@ -21,6 +21,9 @@ def energy_rank(singular_values: torch.Tensor, threshold: float) -> int:
 class SVDMethod(Method):
     name = "svd"
 
+    def describe(self, total_steps):
+        return f"svd: layers truncated once, now; {total_steps} optimizer steps of training on the factors.", None
+
     def initial_changes(self, model, targets):
         changes = []
         for name in targets:
