@@ -12,7 +12,6 @@ import json
 import os
 from typing import Optional
 
-import torch
 from torch import nn
 from transformers.quantizers.auto import register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer

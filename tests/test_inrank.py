@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from hf_lowrank import LowRankConfig, LowRankController, LowRankLinear, LowRankTrainer, get_lowrank_model, lowrank_summary
+from hf_lowrank import LowRankConfig, LowRankController, LowRankTrainer, get_lowrank_model, lowrank_summary
 from hf_lowrank.methods.svd import energy_rank
 
 from conftest import tiny_gpt2

@@ -1,6 +1,4 @@
 import copy
-import math
-import warnings
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """Exact resume across rank changes, gradient accumulation, mixed precision (single process)."""
 
 import os
-import shutil
 
 import pytest
 import torch

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, TrainingArguments
 
 from hf_lowrank import LowRankConfig, LowRankLinear, LowRankTrainer, get_lowrank_model, lowrank_summary
 

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, NoReturn, Optional
 
 import datasets
 import transformers
@@ -38,7 +38,7 @@ _MODEL_MARKERS = ("config.json",)
 _WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821
+def fail(message: str) -> NoReturn:
     """Stop with a one-line error (no traceback)."""
     raise SystemExit(f"error: {message}")
 
