@@ -13,6 +13,11 @@ print the ranks our rule gives when something was learned.
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "training_scripts"))  # demo corpus
+
 import argparse
 import math
 
@@ -67,7 +72,7 @@ def trained_ranks(steps: int, tau: float):
     from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
     from hf_lowrank import LowRankConfig, LowRankTrainer, get_lowrank_model
-    from hf_lowrank.data import stdlib_docstrings, train_tokenizer
+    from demo_corpus import stdlib_docstrings, train_tokenizer
 
     import tempfile
 

@@ -13,6 +13,11 @@ The corpus is the installed standard library's docstrings (`hf_lowrank.data`), a
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "training_scripts"))  # demo corpus
+
 import argparse
 import json
 import math
@@ -64,7 +69,7 @@ def prepare_data(args):
     """Tokenizer and block datasets, built once and cached in the work dir."""
     from datasets import Dataset, load_from_disk
 
-    from hf_lowrank.data import train_tokenizer, write_stdlib_corpus
+    from demo_corpus import train_tokenizer, write_stdlib_corpus
 
     data_dir = os.path.join(args.work_dir, f"data-v{args.vocab_size}-b{args.block_size}")
     if os.path.isdir(os.path.join(data_dir, "train")):

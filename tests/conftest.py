@@ -5,8 +5,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# The demo corpus and tokenizer trainer live with the training scripts (not in the wheel).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training_scripts"))
 
 
 def tiny_gpt2(seed=0, **overrides):
@@ -45,7 +50,7 @@ def gpt2():
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory):
     """A real English text file: docstrings of the installed standard library."""
-    from hf_lowrank.data import stdlib_docstrings
+    from demo_corpus import stdlib_docstrings
 
     path = tmp_path_factory.mktemp("corpus") / "train.txt"
     path.write_text(stdlib_docstrings(max_chars=120_000))
@@ -54,7 +59,7 @@ def text_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer(text_file):
-    from hf_lowrank.data import train_tokenizer
+    from demo_corpus import train_tokenizer
 
     return train_tokenizer([str(text_file)], vocab_size=512)
 

@@ -21,7 +21,7 @@ SUBCOMMANDS = ("inspect", "merge", "card", "push")
 @pytest.fixture(scope="module")
 def lowrank_dir(tmp_path_factory):
     """A saved factorized GPT-2 with a tokenizer beside it."""
-    from hf_lowrank.data import train_tokenizer
+    from demo_corpus import train_tokenizer
 
     directory = tmp_path_factory.mktemp("gpt2-lowrank")
     model = get_lowrank_model(tiny_gpt2(), LowRankConfig(method="svd", rank_fraction=0.5,

@@ -217,7 +217,7 @@ def hub_calls():
 
 
 def small_tokenizer(tmp_path):
-    from hf_lowrank.data import train_tokenizer
+    from demo_corpus import train_tokenizer
 
     text = tmp_path / "text.txt"
     text.write_text("low rank training of small language models on plain text\n" * 50)

@@ -51,7 +51,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def text_files(tmp_path_factory):
     """Real English text: standard-library docstrings, ~40 KB train / 8 KB validation."""
-    from hf_lowrank.data import stdlib_docstrings
+    from demo_corpus import stdlib_docstrings
 
     folder = tmp_path_factory.mktemp("text")
     text = stdlib_docstrings(max_chars=48_000)
@@ -156,7 +156,7 @@ def test_run_clm_oialr_end_to_end(tmp_path, text_files, capsys):
 def test_run_clm_dense_baseline_with_local_tokenizer(tmp_path, text_files):
     """--lowrank_method none is the plain HF run (Trainer, no quantization_config); --tokenizer_name takes a
     local tokenizer directory; a json file with a named text column."""
-    from hf_lowrank.data import train_tokenizer
+    from demo_corpus import train_tokenizer
 
     tokenizer_dir = tmp_path / "tok"
     train_tokenizer([str(text_files[0])], vocab_size=300, model_max_length=64).save_pretrained(tokenizer_dir)
@@ -186,7 +186,7 @@ def test_run_clm_demo_defaults(tmp_path, monkeypatch, capsys):
     assert model_args.model_type == "gpt2" and training.do_train and training.do_eval
     assert training.output_dir == "outputs/gpt2-oialr-stdlib"
 
-    from hf_lowrank.data import stdlib_docstrings
+    from demo_corpus import stdlib_docstrings
 
     corpus = tmp_path / "cache" / "hf_lowrank" / f"stdlib_corpus_py{sys.version_info.major}.{sys.version_info.minor}"
     corpus.mkdir(parents=True)

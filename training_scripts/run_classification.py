@@ -16,7 +16,7 @@ Metrics are computed here (accuracy, or mse for regression), no `evaluate` downl
 A model built from a config (`--model_type bert --config_overrides hidden_size=256,...` or `--config_name`)
 needs a tokenizer: `--tokenizer_name DIR` (a local tokenizer directory, or a Hub id), or
 `--train_tokenizer_vocab_size N` to train a byte-level BPE tokenizer of N tokens on the training texts
-(hf_lowrank.data.train_tokenizer; cached, saved with the model). Such a model gets `vocab_size =
+(demo_corpus.train_tokenizer; cached, saved with the model). Such a model gets `vocab_size =
 len(tokenizer)` unless `--config_overrides` sets it. Multi-label classification and `--do_predict` of the
 HF script are not supported here.
 """

@@ -24,7 +24,7 @@ import transformers
 from transformers import HfArgumentParser, Trainer
 
 from hf_lowrank import LowRankTrainer, get_lowrank_model, lowrank_summary
-from hf_lowrank.data import train_tokenizer, write_stdlib_corpus
+from demo_corpus import train_tokenizer, write_stdlib_corpus
 
 from lowrank_args import METHOD_ARG, ignored_knobs, lowrank_config_from_args
 
@@ -344,7 +344,7 @@ def stdlib_corpus(cache_root: str, training_args) -> tuple[str, str]:
 
 
 def trained_tokenizer(texts, key: str, vocab_size: int, model_max_length: int, cache_root: str, training_args):
-    """A byte-level BPE tokenizer (hf_lowrank.data.train_tokenizer) trained on the `texts` iterable, cached by
+    """A byte-level BPE tokenizer (demo_corpus.train_tokenizer) trained on the `texts` iterable, cached by
     `key`: the main process trains it, the others load the same one."""
     from transformers import AutoTokenizer
 
