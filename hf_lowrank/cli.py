@@ -1,6 +1,7 @@
 """`hf-lowrank` console command: inspect, merge, card and push saved low-rank models.
 
     hf-lowrank inspect DIR          per-layer rank table and compression
+    hf-lowrank export DIR OUT       smallest form for use (Σ folded, layers not worth factorizing merged)
     hf-lowrank merge DIR OUT        dense export that loads without hf_lowrank
     hf-lowrank card DIR             write or refresh DIR/README.md (model card + plots)
     hf-lowrank push DIR REPO_ID     upload weights, config, tokenizer/processor and card in one commit
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from typing import Optional
 
@@ -20,7 +22,7 @@ class CommandError(Exception):
 
 
 def _load(directory: str):
-    from .hub import NotAModelError, load_pretrained_dir
+    from .hub.loading import NotAModelError, load_pretrained_dir
 
     try:
         return load_pretrained_dir(directory)
@@ -54,16 +56,50 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _check_output(args, what: str) -> str:
+    """OUT must not be DIR (also through a symlink) and, unless --overwrite, must be empty or absent."""
+    source, target = os.path.realpath(args.dir), os.path.realpath(args.out)
+    if source == target:
+        raise CommandError(f"OUT must differ from DIR: {what} in place would overwrite the factorized model.")
+    if os.path.isdir(target) and os.listdir(target) and not args.overwrite:
+        raise CommandError(f"{args.out!r} exists and is not empty; choose another OUT or pass --overwrite.")
+    if os.path.isdir(target):  # weights of an earlier model there (a sharded one's index too) would mix with ours
+        for name in os.listdir(target):
+            if name.startswith(("model.safetensors", "model-", "pytorch_model")) and not os.path.islink(
+                    os.path.join(target, name)):
+                os.remove(os.path.join(target, name))
+    return target
+
+
+def cmd_export(args) -> int:
+    from .history import HISTORY_NAME
+    from .hub.loading import copy_processor_files
+    from .serialization import to_use_form
+    from .summary import lowrank_summary
+
+    target = _check_output(args, "exporting")
+    model = _load(args.dir)
+    before = lowrank_summary(model)
+    to_use_form(model)
+    after = lowrank_summary(model)
+    model.save_pretrained(target)
+    copied = copy_processor_files(args.dir, target)
+    if os.path.isfile(os.path.join(args.dir, HISTORY_NAME)):
+        shutil.copyfile(os.path.join(args.dir, HISTORY_NAME), os.path.join(target, HISTORY_NAME))
+    merged = len(before.layers) - len(after.layers)
+    print(f"Wrote the use form of {type(model).__name__} to {args.out}: {len(after.layers)} factorized layers store "
+          f"{after.params:,} parameters (training form: {before.params:,}; dense: {before.dense_params:,})"
+          + (f", {merged} merged to dense" if merged else "") + (f"; copied {', '.join(copied)}" if copied else "")
+          + ".")
+    return 0
+
+
 def cmd_merge(args) -> int:
-    from .hub import copy_processor_files
+    from .hub.loading import copy_processor_files
     from .layers import LowRankLinear
     from .serialization import merge_and_unload
 
-    source, target = os.path.abspath(args.dir), os.path.abspath(args.out)
-    if source == target:
-        raise CommandError("OUT must differ from DIR: merging in place would overwrite the factorized model.")
-    if os.path.isdir(target) and os.listdir(target) and not args.overwrite:
-        raise CommandError(f"{args.out!r} exists and is not empty; choose another OUT or pass --overwrite.")
+    target = _check_output(args, "merging")
     model = _load(args.dir)
     factorized = sum(isinstance(m, LowRankLinear) for m in model.modules())
     merge_and_unload(model)
@@ -90,7 +126,8 @@ def _card_kwargs(args) -> dict:
 
 
 def cmd_card(args) -> int:
-    from .hub import NotAModelError, save_model_card
+    from .hub.card import save_model_card
+    from .hub.loading import NotAModelError
 
     try:
         path = save_model_card(args.dir, overwrite=args.overwrite, repo_id=args.repo_id, **_card_kwargs(args))
@@ -105,7 +142,8 @@ def cmd_card(args) -> int:
 def cmd_push(args) -> int:
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    from .hub import NotAModelError, push_to_hub
+    from .hub.loading import NotAModelError
+    from .hub.push import push_to_hub
 
     try:
         info = push_to_hub(args.dir, args.repo_id, token=args.token, private=args.private or None,
@@ -145,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="directory written by save_pretrained")
     p.add_argument("--json", action="store_true", help="print lowrank_summary(model).to_dict() as JSON")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export", help="smallest form for use (Σ folded into the bases)",
+                       description="Save DIR in its smallest form for use to OUT: OIALR's Σ folded into the bases "
+                                   "(r·(in+out) plus bias per layer), every layer whose factors would not be smaller "
+                                   "than dense merged. Loads like DIR (after import hf_lowrank).")
+    p.add_argument("dir", metavar="DIR", help="directory of the factorized model")
+    p.add_argument("out", metavar="OUT", help="directory to write the exported model to")
+    p.add_argument("--overwrite", action="store_true", help="write into OUT even if it is not empty")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("merge", help="dense export that loads without hf_lowrank",
                        description="Merge every factorized layer back to dense and save the model to OUT, "

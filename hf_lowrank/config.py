@@ -10,9 +10,24 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from .registry import method_class
+
 CONFIG_NAME = "lowrank_config.json"
-METHODS = ("svd", "oialr", "inrank")
 INRANK_MODES = ("efficient", "cumulative")
+
+
+def knob_owner(name: str) -> Optional[str]:
+    """The method a `LowRankConfig` field belongs to (declared in its metadata), or None for shared fields."""
+    for f in dataclasses.fields(LowRankConfig):
+        if f.name == name:
+            return f.metadata.get("method")
+    raise KeyError(f"LowRankConfig has no field {name!r}.")
+
+
+def method_fields(method: str) -> list[dataclasses.Field]:
+    """The fields that apply to `method`: the shared ones and the ones it owns, in declaration order."""
+    return [f for f in dataclasses.fields(LowRankConfig) if f.metadata.get("method") in (None, method)
+            and (f.name != "method_options" or method_class(method).options_class is not None)]
 
 
 def _check(condition: bool, message: str) -> None:
@@ -56,75 +71,82 @@ class LowRankConfig:
         metadata={"help": "Per-layer starting rank: {name suffix or regex: rank}. An int is a rank, a float "
                   "in (0, 1) a fraction of the layer's full rank."},
     )
+    method_options: dict = field(
+        default_factory=dict,
+        metadata={"help": "Options of a third-party method (its `Method.options_class` fields), as a dict; the "
+                  "built-in methods take their knobs as the fields below."},
+    )
     # svd
     rank_fraction: float = field(
-        default=0.5, metadata={"help": "svd: kept fraction of each layer's full rank min(in, out)."}
+        default=0.5, metadata={"method": "svd", "help": "Kept fraction of each layer's full rank min(in, out)."}
     )
     energy_threshold: Optional[float] = field(
         default=None,
-        metadata={"help": "svd: if set, keep the fewest singular values holding this fraction of the "
+        metadata={"method": "svd", "help": "If set, keep the fewest singular values holding this fraction of the "
                   "squared Frobenius norm (overrides rank_fraction)."},
     )
     # OIALR
     delay_steps: Union[int, float] = field(
-        default=1000, metadata={"help": "OIALR: full-rank optimizer steps before conversion to U Σ Vᵀ."}
+        default=1000, metadata={"method": "oialr", "help": "Full-rank optimizer steps before conversion to U Σ Vᵀ."}
     )
     update_every: Union[int, float] = field(
-        default=100, metadata={"help": "OIALR: optimizer steps between basis updates (rotate + cut)."}
+        default=100, metadata={"method": "oialr", "help": "Optimizer steps between basis updates (rotate + cut)."}
     )
     sigma_cutoff: float = field(
-        default=0.1, metadata={"help": "OIALR: keep singular values ≥ this fraction of the layer's largest."}
+        default=0.1, metadata={"method": "oialr", "help": "Keep singular values ≥ this fraction of the layer's largest."}
     )
     max_cut_fraction: float = field(
-        default=0.5, metadata={"help": "OIALR: at most this fraction of a layer's rank is cut in one update."}
+        default=0.5, metadata={"method": "oialr", "help": "At most this fraction of a layer's rank is cut in one update."}
     )
-    min_rank: int = field(default=1, metadata={"help": "OIALR: no layer is cut below this rank."})
+    min_rank: int = field(default=1, metadata={"method": "oialr", "help": "No layer is cut below this rank."})
     min_rank_fraction: float = field(
-        default=0.01, metadata={"help": "OIALR: no layer is cut below this fraction of its full rank."}
+        default=0.01, metadata={"method": "oialr", "help": "No layer is cut below this fraction of its full rank."}
     )
     rotate_without_cut: bool = field(
         default=False,
-        metadata={"help": "OIALR: also rotate the bases of layers whose rank does not change at an update (the "
+        metadata={"method": "oialr", "help": "Also rotate the bases of layers whose rank does not change at an update (the "
                   "reference code always rotates). Off by default: such a rotation leaves W unchanged but moves "
                   "Adam's element-wise second moments into a basis where they no longer fit exactly."},
     )
     progressive_rollout: float = field(
         default=0.0,
-        metadata={"help": "OIALR: if > 0, each update cuts only the last k layers (output side first), "
+        metadata={"method": "oialr", "help": "If > 0, each update cuts only the last k layers (output side first), "
                   "k growing by this fraction of the layers per update (the paper's code uses 0.1)."},
     )
-    keep_first_layer: bool = field(default=False, metadata={"help": "OIALR: leave the first target dense."})
-    keep_last_layer: bool = field(default=False, metadata={"help": "OIALR: leave the last target dense."})
+    keep_first_layer: bool = field(default=False, metadata={"method": "oialr", "help": "Leave the first target dense."})
+    keep_last_layer: bool = field(default=False, metadata={"method": "oialr", "help": "Leave the last target dense."})
     # InRank
     inrank_mode: str = field(
         default="efficient",
-        metadata={"help": "InRank: 'efficient' (the weight is U Vᵀ, trained from scratch) or 'cumulative' "
+        metadata={"method": "inrank", "help": "'efficient' (the weight is U Vᵀ, trained from scratch) or 'cumulative' "
                   "(W = W0 + U Vᵀ with U Vᵀ = 0 at start, for fine-tuning)."},
     )
-    init_rank: int = field(default=2, metadata={"help": "InRank: starting rank r."})
+    init_rank: int = field(default=2, metadata={"method": "inrank", "help": "Starting rank r."})
     buffer_rank: int = field(
-        default=100, metadata={"help": "InRank: extra components b trained beside the rank until freeze_step."}
+        default=100, metadata={"method": "inrank", "help": "Extra components b trained beside the rank until freeze_step."}
     )
     explained_ratio: float = field(
         default=0.9,
-        metadata={"help": "InRank: τ, the fraction of the cumulative update's energy the rank must explain."},
+        metadata={"method": "inrank", "help": "τ, the fraction of the cumulative update's energy the rank must explain."},
     )
     rank_warmup_steps: Union[int, float] = field(
-        default=25, metadata={"help": "InRank: optimizer steps before the first rank check."}
+        default=25, metadata={"method": "inrank", "help": "Optimizer steps before the first rank check."}
     )
     check_every: Union[int, float] = field(
-        default=3, metadata={"help": "InRank: optimizer steps between rank checks."}
+        default=3, metadata={"method": "inrank", "help": "Optimizer steps between rank checks."}
     )
     freeze_step: Optional[Union[int, float]] = field(
         default=130,
-        metadata={"help": "InRank: at this step the rank is fixed and the buffer dropped (None: never)."},
+        metadata={"method": "inrank", "help": "At this step the rank is fixed and the buffer dropped (None: never)."},
     )
     max_rank_fraction: float = field(
-        default=0.5, metadata={"help": "InRank: rank + buffer never exceeds this fraction of full rank."}
+        default=0.5, metadata={"method": "inrank", "help": "Rank + buffer never exceeds this fraction of full rank."}
     )
 
     def __post_init__(self):
-        _check(self.method in METHODS, f"Unknown method {self.method!r}: choose one of {', '.join(METHODS)}.")
+        method_cls = method_class(self.method)  # ValueError naming the registered methods
+        _check(isinstance(self.method_options, dict), f"method_options={self.method_options!r} must be a dict.")
+        method_cls.check_options(self.method_options)
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):

@@ -31,13 +31,14 @@ import torch
 from torch import nn
 
 from .config import LowRankConfig
-from .diagnostics import HISTORY_NAME
-from .inject import find_targets
+from .history import save_rank_history
 from .layers import LowRankLinear
 from .methods import get_method
-from .serialization import STRUCTURE_NAME, LowRankQuantizationConfig, restructure_like_checkpoint
-from .surgery import apply_changes, broadcast_changes, is_distributed, reprepare
+from .serialization import (STRUCTURE_NAME, LowRankQuantizationConfig, restructure_like_checkpoint,
+                            sync_quantization_config)
 from .summary import lowrank_summary
+from .surgery import apply_changes, broadcast_changes, is_distributed, reprepare
+from .targets import find_targets
 
 STATE_NAME = "lowrank_state.json"
 TENSORS_NAME = "lowrank_state.safetensors"
@@ -114,9 +115,11 @@ class LowRankController:
         device = next(self.model.parameters()).device
         changes = broadcast_changes(changes, device)
         changed = apply_changes(self.model, changes, self.optimizer)
-        self.method.commit(changes, global_step)
         if changes:
-            events = sorted({c.info.get("event", "update") for c in changes})
+            sync_quantization_config(self.model)  # every checkpoint from now on records the new ranks
+        self.method.commit(changes, global_step)
+        events = sorted({c.info.get("event", "update") for c in changes if not c.holds_dense})
+        if events:
             self._record(global_step, "+".join(events))
         self.update_seconds += time.perf_counter() - start
         return changed
@@ -213,8 +216,7 @@ class LowRankController:
 
     def save_history(self, directory: str) -> None:
         """`lowrank_history.json`: the ranks after every change, for cards and plots."""
-        with open(os.path.join(directory, HISTORY_NAME), "w") as f:
-            json.dump({"method": self.method.name, "config": self.config.to_dict(), "history": self.history}, f)
+        save_rank_history(directory, self.method.name, self.config.to_dict(), self.history)
 
 
 def _check_accelerator(accelerator) -> None:

@@ -7,7 +7,6 @@ compute `y = x Wᵀ + b`, so the factors are the same and only `.weight`/`to_den
 
 from __future__ import annotations
 
-import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -15,13 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .linalg import factors_from_svd, svd_f32
+
 LINEAR_TYPES = (nn.Linear, Conv1D)
+# Attribute of a model naming its target layers held dense (at or above break-even), with the reason.
+DENSE_LAYERS_ATTR = "lowrank_dense_layers"
 FACTOR_NAMES = ("U", "S", "V")
 
 
 def dense_weight_of(module: nn.Module) -> torch.Tensor:
     """The weight of an `nn.Linear` or `Conv1D` as an out×in matrix (a view, no copy)."""
-    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+    return module.weight.t() if is_conv1d(module) else module.weight
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -31,18 +34,23 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-def svd_f32(matrix: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Thin SVD in float32 (bf16/fp16 SVD is not supported on CPU): `(U, s, Vh)`, or `None` with a warning
-    when the input is not finite or the SVD does not converge, so callers skip the update instead of crashing."""
-    m = matrix.detach().float()
-    if not torch.isfinite(m).all():
-        warnings.warn(f"hf_lowrank: non-finite values in a {tuple(m.shape)} matrix; rank update skipped.")
-        return None
-    try:
-        return torch.linalg.svd(m, full_matrices=False)
-    except RuntimeError as err:  # LAPACK convergence failure (torch.linalg.LinAlgError subclasses it)
-        warnings.warn(f"hf_lowrank: SVD failed on a {tuple(m.shape)} matrix ({err}); rank update skipped.")
-        return None
+def is_conv1d(module: nn.Module) -> bool:
+    """The one rule for GPT-2's `Conv1D` layout (weight stored in×out): a `Conv1D`, or a `LowRankLinear` that
+    replaced one. Everything that builds, exports or merges a layer asks this."""
+    if isinstance(module, LowRankLinear):
+        return module.fan_in_fan_out
+    return isinstance(module, Conv1D)
+
+
+def break_even_rank(in_features: int, out_features: int, has_sigma: bool) -> int:
+    """The largest rank at which a factorized layer stores fewer weight elements than the dense one:
+    `r·(in+out) [+ r²] < in·out`. It also bounds compute: the factor chain costs about `T·r·(in+out[+r])`
+    multiply-adds per `T` tokens against `T·in·out` dense."""
+    n = in_features * out_features
+    rank = n // (in_features + out_features)
+    while rank > 0 and rank * (in_features + out_features) + (rank * rank if has_sigma else 0) >= n:
+        rank -= 1
+    return rank
 
 
 class LowRankLinear(nn.Module):
@@ -90,11 +98,8 @@ class LowRankLinear(nn.Module):
         With `S` the layer holds `U`, `diag(s)`, `V`; without it `s` is split evenly into the bases
         (`U √s`, `V √s`), so a rank-r layer stores only `r·(in+out)` plus bias.
         """
-        in_f, out_f = linear_shape(module)
         weight = dense_weight_of(module)
-        layer = cls(in_f, out_f, rank, has_sigma=has_sigma, bias=module.bias is not None,
-                    fan_in_fan_out=isinstance(module, Conv1D), trainable=trainable,
-                    device=weight.device, dtype=weight.dtype)
+        layer = build_lowrank_linear(module, rank, has_sigma=has_sigma, trainable=trainable)
         decomposition = svd_f32(weight)
         if decomposition is None:
             raise ValueError("Cannot factorize a layer whose weight is not finite or whose SVD fails.")
@@ -318,9 +323,26 @@ class _SigmaChain(torch.autograd.Function):
         return dx, dU, dS, dV, db
 
 
-def factors_from_svd(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, has_sigma: bool):
-    """`(U, S, V)` from a truncated SVD `u diag(s) vᵀ`: `S = diag(s)`, or `s` folded evenly into the bases."""
-    if has_sigma:
-        return u, torch.diag(s), v
-    root = s.clamp_min(0).sqrt()
-    return u * root, None, v * root
+def build_lowrank_linear(like: nn.Module, rank: int, *, has_sigma: bool, has_base: bool = False,
+                         bias: Optional[bool] = None, trainable: Optional[Iterable[str]] = None) -> LowRankLinear:
+    """The one factory of `LowRankLinear`: an empty layer (zero factors) that can take the place of `like`.
+
+    `like` is the dense layer it replaces (`nn.Linear` or GPT-2 `Conv1D`), or a `LowRankLinear` being rebuilt
+    at another rank or form; shape, layout (`is_conv1d`), device and dtype come from it, and the bias too
+    unless `bias` says otherwise. Injection, surgery, the quantizer (a saved structure, on the meta device)
+    and restructuring for a resume all build layers here.
+
+    Args:
+        like (`nn.Module`): the layer to replace.
+        rank (`int`): components to hold.
+        has_sigma (`bool`): hold a separate r×r `S` (OIALR's training form).
+        has_base (`bool`, *optional*, defaults to `False`): hold a frozen dense `W0` (`W = W0 + U Vᵀ`).
+        bias (`bool`, *optional*): hold a bias; defaults to whether `like` has one.
+        trainable (iterable of `str`, *optional*): the factors that train (default: `S`, else `U` and `V`).
+    """
+    n_in, n_out = linear_shape(like)
+    reference = next(like.parameters(), None)
+    kwargs = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
+    return LowRankLinear(n_in, n_out, rank, has_sigma=has_sigma, has_base=has_base,
+                         bias=(getattr(like, "bias", None) is not None) if bias is None else bias,
+                         fan_in_fan_out=is_conv1d(like), trainable=trainable, **kwargs)

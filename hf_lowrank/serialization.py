@@ -4,29 +4,35 @@
 `config.json` then carries `quantization_config = {"quant_method": "hf_lowrank", "rank_pattern": {...}}`,
 and on load the quantizer rebuilds the factorized modules (on the meta device) before the weights load.
 Safetensors only: loading never unpickles.
+
+Two forms are written. The training form keeps what trains apart (OIALR's `Σ`); Trainer checkpoints use it,
+so a resume continues exactly. The use form (`to_use_form`, `save_for_use`, the scripts' final save, pushes,
+`hf-lowrank export`) is the smallest: `Σ` folded into the bases (`r·(in+out)` plus bias), and every layer
+whose factors would not be smaller than its dense weight merged back to dense. Both reload; merge works
+from both.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-from typing import Optional
+from typing import Optional, Union
 
+import torch
 from torch import nn
 from transformers.quantizers.auto import register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .inject import replace_module
-from .layers import LowRankLinear, linear_shape
+from .config import LowRankConfig
+from .layers import LowRankLinear, break_even_rank, build_lowrank_linear, linear_shape
+from .linalg import svd_f32
+from .layers import DENSE_LAYERS_ATTR
+from .targets import replace_module
+from .version import __version__
 
 QUANT_METHOD = "hf_lowrank"
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -39,18 +45,20 @@ class LowRankQuantizationConfig(QuantizationConfigMixin):
         base_layers: module names that hold a frozen dense `base` (W = W0 + U Vᵀ, cumulative InRank).
         trainable: module name → factors that train (`"U"`, `"S"`, `"V"`).
         lowrank_config: the `LowRankConfig` used for training, as a dict.
+        dense_layers: target layers held dense because factorizing them would not be smaller, with the reason.
     """
 
     def __init__(self, rank_pattern: Optional[dict] = None, sigma_layers: Optional[list] = None,
                  base_layers: Optional[list] = None, trainable: Optional[dict] = None, lowrank_config: Optional[dict] = None,
-                 hf_lowrank_version: Optional[str] = None, **kwargs):
+                 hf_lowrank_version: Optional[str] = None, dense_layers: Optional[dict] = None, **kwargs):
         self.quant_method = QUANT_METHOD
         self.rank_pattern = dict(rank_pattern or {})
         self.sigma_layers = sorted(sigma_layers or [])
         self.base_layers = sorted(base_layers or [])
         self.trainable = dict(trainable or {})
         self.lowrank_config = dict(lowrank_config or {})
-        self.hf_lowrank_version = hf_lowrank_version or _version()
+        self.dense_layers = dict(dense_layers or {})
+        self.hf_lowrank_version = hf_lowrank_version or __version__
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "LowRankQuantizationConfig":
@@ -62,6 +70,7 @@ class LowRankQuantizationConfig(QuantizationConfigMixin):
             base_layers=[n for n, m in layers.items() if m.base is not None],
             trainable={n: m.trainable_factors() for n, m in layers.items()},
             lowrank_config=config.to_dict() if config is not None else {},
+            dense_layers=dict(getattr(model, DENSE_LAYERS_ATTR, None) or {}),
         )
 
 
@@ -160,23 +169,20 @@ class LowRankHfQuantizer(HfQuantizer):
             n_in, n_out = linear_shape(module)
             if not 0 <= rank <= min(n_in, n_out):
                 raise ValueError(f"config.json records rank {rank} for {name!r}, outside [0, {min(n_in, n_out)}].")
-            weight = module.weight
-            layer = LowRankLinear(n_in, n_out, rank, has_sigma=name in cfg.sigma_layers,
-                                  has_base=name in cfg.base_layers, bias=module.bias is not None, fan_in_fan_out=not isinstance(module, nn.Linear),
-                                  trainable=cfg.trainable.get(name), device=weight.device, dtype=weight.dtype)
+            layer = build_lowrank_linear(module, rank, has_sigma=name in cfg.sigma_layers,
+                                         has_base=name in cfg.base_layers, trainable=cfg.trainable.get(name))
             replace_module(model, name, layer)
         _check_saved_shapes(model, checkpoint_files)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from .config import LowRankConfig
-
         # Loading replaces parameters with fresh, trainable ones: re-freeze the factors that were frozen
         # (OIALR's bases), or continued training would move them.
         for name, factors in self.quantization_config.trainable.items():
             model.get_submodule(name).set_trainable(factors)
         if self.quantization_config.lowrank_config and getattr(model, "lowrank_config", None) is None:
             model.lowrank_config = LowRankConfig.from_dict(self.quantization_config.lowrank_config)
+        setattr(model, DENSE_LAYERS_ATTR, dict(self.quantization_config.dense_layers))
         model.is_quantized = False
         return model
 
@@ -207,9 +213,60 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     without this package (no `quantization_config` is left in its config)."""
     _merge_layers(model)
     remove_quantization_config(model)
-    if hasattr(model, "lowrank_config"):
-        del model.lowrank_config
+    for attr in ("lowrank_config", DENSE_LAYERS_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model
+
+
+def use_form_layer(layer: LowRankLinear) -> nn.Module:
+    """The smallest form of one layer for use: `U Vᵀ` with `Σ` folded evenly into both bases (balanced, from
+    the SVD of `Σ`), or the dense layer when the factors would not store less than the dense weight (a
+    cumulative InRank layer `W0 + U Vᵀ` is always merged). Computes the same function up to rounding."""
+    if layer.base is not None or layer.rank > break_even_rank(layer.in_features, layer.out_features, False):
+        return layer.to_dense()
+    if layer.S is None:
+        return layer
+    decomposition = svd_f32(layer.S)
+    if decomposition is None:  # a non-finite Σ: fold it plainly, the values are what they are
+        U, V = layer.U.detach().float() @ layer.S.detach().float(), layer.V.detach().float()
+    else:
+        p, s, qh = decomposition
+        root = s.sqrt()
+        U, V = layer.U.detach().float() @ p * root, layer.V.detach().float() @ qh.t() * root
+    folded = build_lowrank_linear(layer, layer.rank, has_sigma=False, trainable=("U", "V"))
+    folded.set_factors(U, None, V)
+    if layer.bias is not None:
+        folded.bias.data.copy_(layer.bias.detach())
+    return folded.train(layer.training)
+
+
+def to_use_form(model: nn.Module) -> nn.Module:
+    """Convert `model` in place to its smallest form for use (see `use_form_layer`) and return it.
+
+    Every factorized layer then stores at most its dense size, and `r·(in+out)` plus bias where `Σ` was held
+    for training. Reload with `AutoModelFor*.from_pretrained` as usual; `merge_and_unload` works on it too.
+    Training checkpoints keep the training form: use this for what you ship, not to resume a run.
+    """
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LowRankLinear):
+                replace_module(model, name, use_form_layer(module))
+    sync_quantization_config(model)
+    return model
+
+
+def save_for_use(model: nn.Module, save_directory: Union[str, os.PathLike], **save_kwargs) -> str:
+    """Save a use-form copy of `model` (see `to_use_form`) with `save_pretrained`; `model` itself is unchanged.
+
+    Args:
+        model: a model prepared by `get_lowrank_model` or loaded factorized.
+        save_directory: where `save_pretrained` writes.
+        save_kwargs: passed to `save_pretrained`.
+    """
+    export = to_use_form(copy.deepcopy(model))
+    export.save_pretrained(save_directory, **save_kwargs)
+    return str(save_directory)
 
 
 STRUCTURE_NAME = "lowrank_structure.json"
@@ -249,12 +306,10 @@ def restructure_like_checkpoint(model: nn.Module, path: str) -> bool:
                 and (module.base is not None) == has_base):
             module.set_trainable(cfg.trainable.get(name, module.trainable_factors()))
             continue
-        n_in, n_out = linear_shape(module)
-        ref = module.U if isinstance(module, LowRankLinear) else module.weight
-        layer = LowRankLinear(n_in, n_out, rank, has_sigma=has_sigma, has_base=has_base, bias=module.bias is not None,
-                              fan_in_fan_out=getattr(module, "fan_in_fan_out", not isinstance(module, nn.Linear)),
-                              trainable=cfg.trainable.get(name), device=ref.device, dtype=ref.dtype)
+        layer = build_lowrank_linear(module, rank, has_sigma=has_sigma, has_base=has_base,
+                                     trainable=cfg.trainable.get(name))
         replace_module(model, name, layer)
         changed = True
+    setattr(model, DENSE_LAYERS_ATTR, dict(cfg.dense_layers))
     sync_quantization_config(model)
     return changed

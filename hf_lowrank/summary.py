@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .layers import LowRankLinear
+from .layers import DENSE_LAYERS_ATTR
 
 
 @dataclass
@@ -34,6 +35,8 @@ class LowRankSummary:
     layers: dict = field(default_factory=dict)
     model_params: int = 0
     trainable_params: int = 0
+    # target layers kept dense because a factorization would store and compute more: name -> reason
+    dense_layers: dict = field(default_factory=dict)
 
     @property
     def params(self) -> int:
@@ -61,7 +64,7 @@ class LowRankSummary:
                        for name, l in self.layers.items()},
             "params": self.params, "dense_params": self.dense_params, "compression": self.compression,
             "rank_fraction": self.rank_fraction, "model_params": self.model_params,
-            "trainable_params": self.trainable_params,
+            "trainable_params": self.trainable_params, "dense_layers": dict(self.dense_layers),
         }
 
     def __str__(self) -> str:
@@ -74,6 +77,8 @@ class LowRankSummary:
                          f"{l.dense_params:>10,}  {ratio:>6.1%}")
         lines.append(f"{'total':<{width}}  {'':>11}  {self.rank_fraction:>9.1%}  {self.params:>10,}  "
                      f"{self.dense_params:>10,}  {self.compression:>6.1%}")
+        for name, reason in self.dense_layers.items():
+            lines.append(f"kept dense: {name} ({reason})")
         lines.append(f"model parameters: {self.model_params:,} (trainable {self.trainable_params:,})")
         return "\n".join(lines)
 
@@ -83,6 +88,7 @@ def lowrank_summary(model: nn.Module) -> LowRankSummary:
     summary = LowRankSummary(
         model_params=sum(p.numel() for p in model.parameters()),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        dense_layers={name: held["reason"] for name, held in (getattr(model, DENSE_LAYERS_ATTR, None) or {}).items()},
     )
     for name, module in model.named_modules():
         if isinstance(module, LowRankLinear):

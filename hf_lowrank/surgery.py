@@ -1,7 +1,8 @@
 """Applies a method's decision: swaps/re-factors layers, carries optimizer state into the new
 coordinates, broadcasts decisions from process 0, and re-prepares the model for the accelerator.
 
-Surgery never decides ranks; methods never touch the optimizer.
+Surgery never decides ranks; methods never touch the optimizer. Whoever drives a change (the entry point,
+the controller) records the resulting structure with `serialization.sync_quantization_config`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from .inject import replace_module
-from .layers import LowRankLinear, dense_weight_of, linear_shape
+from .layers import DENSE_LAYERS_ATTR, LowRankLinear, build_lowrank_linear, dense_weight_of, is_conv1d
 from .methods.base import LayerChange
+from .targets import replace_module
 
 # Optimizer state entries that transform like the gradient (first moments) or like its square.
 FIRST_MOMENTS = ("exp_avg", "momentum_buffer")
@@ -36,32 +36,36 @@ def apply_changes(model: nn.Module, changes: list[LayerChange], optimizer=None) 
     """Apply `changes` to `model` (and the optimizer's parameters and state, if given).
 
     Returns True when parameters were created or changed shape, i.e. when a distributed wrapper must be
-    re-prepared. Rotations that keep every shape return False.
+    re-prepared. Rotations that keep every shape, and layers held dense, return False.
     """
-    from .serialization import sync_quantization_config
-
     opt = torch_optimizer(optimizer) if optimizer is not None else None
     structural = False
+    dense_layers = getattr(model, DENSE_LAYERS_ATTR, None)
+    if dense_layers is None:
+        dense_layers = {}
+        setattr(model, DENSE_LAYERS_ATTR, dense_layers)
     for change in changes:
         module = model.get_submodule(change.name)
+        if change.holds_dense:
+            if isinstance(module, LowRankLinear):
+                raise ValueError(f"{change.name} is factorized already; a method can hold only dense layers dense.")
+            dense_layers[change.name] = {"rank": change.rank, "reason": change.info.get("reason", "")}
+            continue
+        dense_layers.pop(change.name, None)
         if isinstance(module, LowRankLinear):
             structural |= _refactor(module, change, opt)
         else:
             replace_module(model, change.name, _factorize(module, change, opt))
             structural = True
-    if changes:
-        sync_quantization_config(model)
     return structural
 
 
 def _factorize(module: nn.Module, change: LayerChange, opt) -> LowRankLinear:
     """A `LowRankLinear` replacing a dense layer; the bias Parameter (and its optimizer state) is reused."""
-    n_in, n_out = linear_shape(module)
     weight = module.weight
     has_base = bool(change.info.get("base"))
-    layer = LowRankLinear(n_in, n_out, change.rank, has_sigma=change.S is not None, bias=False, has_base=has_base,
-                          fan_in_fan_out=isinstance(module, Conv1D), trainable=change.trainable,
-                          device=weight.device, dtype=weight.dtype)
+    layer = build_lowrank_linear(module, change.rank, has_sigma=change.S is not None, has_base=has_base, bias=False,
+                                 trainable=change.trainable)
     layer.set_factors(change.U, change.S, change.V)
     if has_base:  # the dense weight stays, frozen, under the factors (W = W0 + U Vᵀ)
         layer.base.data = dense_weight_of(module).detach().clone().contiguous()
@@ -69,7 +73,7 @@ def _factorize(module: nn.Module, change: LayerChange, opt) -> LowRankLinear:
     if opt is not None:
         old_state = opt.state.pop(weight, None)
         if old_state is not None:
-            old_state = {k: (v.t() if isinstance(module, Conv1D) and _is_matrix(v, weight) else v)
+            old_state = {k: (v.t() if is_conv1d(module) and _is_matrix(v, weight) else v)
                          for k, v in old_state.items()}
         left = change.left if change.left is not None else change.U
         right = change.right if change.right is not None else change.V
@@ -210,7 +214,7 @@ def broadcast_changes(changes: Optional[list[LayerChange]], device: torch.device
                 tensor = torch.empty(shape, device=device, dtype=torch.float32)
             dist.broadcast(tensor, src=0)
             tensors[key] = tensor
-        result.append(LayerChange(name, tensors["U"], tensors.get("S"), tensors["V"], tuple(trainable),
+        result.append(LayerChange(name, tensors.get("U"), tensors.get("S"), tensors.get("V"), tuple(trainable),
                                   tensors.get("left"), tensors.get("right"), info))
     return result
 

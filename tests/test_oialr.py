@@ -8,6 +8,10 @@ from hf_lowrank.methods.oialr import oialr_rank
 
 from conftest import tiny_gpt2
 
+# Starting ranks below break-even (a quarter of full rank), so that conversion factorizes every layer; at full
+# rank a layer stays dense (test_held_dense_*).
+QUARTER = {"c_attn|c_proj|c_fc": 0.25}
+
 
 def _batch(seed=0, n=4, length=16):
     g = torch.Generator().manual_seed(seed)
@@ -45,20 +49,21 @@ def test_cut_rule_matches_reference_table():
     assert oialr_rank(torch.zeros(4), 4, cutoff=0.1, max_cut_fraction=0.5, floor=1) == 4
 
 
-def test_conversion_preserves_outputs_and_projects_adam_moments():
+def test_conversion_truncates_exactly_and_projects_adam_moments():
     model = get_lowrank_model(tiny_gpt2(), LowRankConfig(method="oialr", delay_steps=3, update_every=100,
-                                                         sigma_cutoff=0.0))
+                                                         sigma_cutoff=0.0, rank_pattern=QUARTER))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     controller = LowRankController(model, optimizer=opt)
     _train(model, opt, 3, None)
     dense = model.transformer.h[0].mlp.c_fc
     m_w, v_w = (opt.state[dense.weight][k].t().clone() for k in ("exp_avg", "exp_avg_sq"))  # Conv1D: in×out
-    expected_logits = _logits(model)
+    u, s, vh = torch.linalg.svd(dense.weight.detach().t())
+    best = u[:, :8] @ torch.diag(s[:8]) @ vh[:8]  # the best rank-8 approximation of the trained weight
     controller.global_step = 2
     assert controller.step()  # optimizer step 3: conversion, parameters replaced
     layer = model.transformer.h[0].mlp.c_fc
-    assert isinstance(layer, LowRankLinear) and layer.rank == 32 and layer.bias is dense.bias
-    torch.testing.assert_close(_logits(model), expected_logits, atol=2e-5, rtol=1e-4)
+    assert isinstance(layer, LowRankLinear) and layer.rank == 8 and layer.bias is dense.bias
+    torch.testing.assert_close(layer.dense_matrix().detach(), best, atol=1e-5, rtol=1e-4)
     state = opt.state[layer.S]
     torch.testing.assert_close(state["exp_avg"], layer.U.t() @ m_w @ layer.V, atol=1e-7, rtol=1e-4)
     torch.testing.assert_close(state["exp_avg_sq"], layer.U.square().t() @ v_w @ layer.V.square(),
@@ -81,7 +86,8 @@ def _relative(a, b):
 
 @pytest.mark.parametrize("rotate", [False, True])
 def test_update_without_cut_keeps_outputs_and_next_adamw_step(rotate):
-    cfg = LowRankConfig(method="oialr", delay_steps=0, update_every=5, sigma_cutoff=0.0, rotate_without_cut=rotate)
+    cfg = LowRankConfig(method="oialr", delay_steps=0, update_every=5, sigma_cutoff=0.0, rotate_without_cut=rotate,
+                        rank_pattern=QUARTER)
     model = get_lowrank_model(tiny_gpt2(), cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     controller = LowRankController(model, optimizer=opt)
@@ -114,7 +120,7 @@ def test_update_without_cut_keeps_outputs_and_next_adamw_step(rotate):
 
 
 def test_cuts_shrink_ranks_and_trainable_params_are_r_squared():
-    cfg = LowRankConfig(method="oialr", delay_steps=2, update_every=2, sigma_cutoff=0.3)
+    cfg = LowRankConfig(method="oialr", delay_steps=2, update_every=2, sigma_cutoff=0.9, rank_pattern=QUARTER)
     model = get_lowrank_model(tiny_gpt2(), cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     controller = LowRankController(model, optimizer=opt)
@@ -133,7 +139,7 @@ def test_cuts_shrink_ranks_and_trainable_params_are_r_squared():
 
 
 def test_sgd_momentum_is_carried_and_unknown_optimizer_state_is_reset_with_warning():
-    cfg = LowRankConfig(method="oialr", delay_steps=2, update_every=100, sigma_cutoff=0.0)
+    cfg = LowRankConfig(method="oialr", delay_steps=2, update_every=100, sigma_cutoff=0.0, rank_pattern=QUARTER)
     model = get_lowrank_model(tiny_gpt2(), cfg)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
     controller = LowRankController(model, optimizer=opt)
@@ -153,7 +159,7 @@ def test_sgd_momentum_is_carried_and_unknown_optimizer_state_is_reset_with_warni
 
 
 def test_non_finite_weight_skips_the_update_with_a_warning():
-    cfg = LowRankConfig(method="oialr", delay_steps=1, update_every=1, sigma_cutoff=0.1)
+    cfg = LowRankConfig(method="oialr", delay_steps=1, update_every=1, sigma_cutoff=0.1, rank_pattern=QUARTER)
     model = get_lowrank_model(tiny_gpt2(), cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     controller = LowRankController(model, optimizer=opt)
@@ -174,11 +180,75 @@ def test_fraction_schedules_need_the_run_length():
     controller = LowRankController(model)
     with pytest.raises(ValueError, match="num_training_steps"):
         controller.step_to(1)
-    controller = LowRankController(tiny_gpt2_with(LowRankConfig(method="oialr", delay_steps=0.5, update_every=0.1)),
-                                   num_training_steps=20)
+    controller = LowRankController(tiny_gpt2_with(LowRankConfig(method="oialr", delay_steps=0.5, update_every=0.1,
+                                                                rank_pattern=QUARTER)), num_training_steps=20)
     assert not controller.step_to(9)
     assert controller.step_to(10)
 
 
 def tiny_gpt2_with(config):
     return get_lowrank_model(tiny_gpt2(), config)
+
+
+def _layer_sizes(model):
+    """Stored elements of each target layer (weights and bias), whatever its form."""
+    names = [n for n, m in model.named_modules() if n.endswith(("c_attn", "c_proj", "c_fc"))]
+    return {n: sum(p.numel() for p in model.get_submodule(n).parameters()) for n in names}
+
+
+def test_low_cutoff_never_leaves_a_layer_bigger_than_dense(tmp_path):
+    """With a low cutoff ranks stay high: every layer above break-even stays dense, nothing grows past dense."""
+    dense_model = tiny_gpt2()
+    dense_sizes = _layer_sizes(dense_model)
+    dense_model.save_pretrained(tmp_path / "dense")
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(method="oialr", delay_steps=2, update_every=2,
+                                                         sigma_cutoff=0.05))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    controller = LowRankController(model, optimizer=opt)
+    _train(model, opt, 12, controller)
+    sizes = _layer_sizes(model)
+    assert all(sizes[n] <= dense_sizes[n] for n in dense_sizes), sizes
+    summary = lowrank_summary(model)
+    assert summary.dense_layers and all("break-even" in r or "dense weight" in r for r in summary.dense_layers.values())
+    assert all(layer.params < layer.dense_params for layer in summary.layers.values())
+    model.save_pretrained(tmp_path / "lowrank")
+    weights = lambda d: (tmp_path / d / "model.safetensors").stat().st_size  # noqa: E731
+    assert weights("lowrank") <= weights("dense")
+    # the reason survives a reload
+    from transformers import AutoModelForCausalLM
+
+    if summary.layers:
+        assert lowrank_summary(AutoModelForCausalLM.from_pretrained(tmp_path / "lowrank")).dense_layers == \
+            summary.dense_layers
+
+
+def test_held_dense_at_a_decision_point_leaves_outputs_unchanged():
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(method="oialr", delay_steps=3, update_every=2,
+                                                         sigma_cutoff=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    controller = LowRankController(model, optimizer=opt)
+    _train(model, opt, 2, controller)
+    before = _logits(model)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train(model, opt, 0, controller)
+    assert controller.step_to(3) is False  # the conversion step: every layer at full rank, above break-even
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert torch.equal(_logits(model), before)  # bit-identical: nothing was truncated or re-factored
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    assert set(lowrank_summary(model).dense_layers) == {n for n in _layer_sizes(model)}
+
+
+def test_held_dense_layer_converts_once_its_rank_falls_below_break_even():
+    # cutoff 0.5: the first update may cut at most half the rank (32 -> 16, still above the 14 of the 32x32
+    # c_proj); the second update continues the rule from 16 and converts.
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(method="oialr", delay_steps=2, update_every=2,
+                                                         sigma_cutoff=0.9, target_modules=["attn.c_proj"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    controller = LowRankController(model, optimizer=opt)
+    _train(model, opt, 2, controller)
+    held = lowrank_summary(model).dense_layers
+    assert set(held) == {"transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"}
+    assert controller.method.dense_ranks == {n: 16 for n in held}
+    _train(model, opt, 2, controller)
+    layer = model.transformer.h[0].attn.c_proj
+    assert isinstance(layer, LowRankLinear) and layer.rank == 8 and not lowrank_summary(model).dense_layers

@@ -11,7 +11,7 @@ from hf_lowrank.trainer import COMPLETE_MARKER, last_complete_checkpoint
 
 from conftest import tiny_gpt2
 
-CFG = dict(method="oialr", delay_steps=6, update_every=4, sigma_cutoff=0.3)
+CFG = dict(method="oialr", delay_steps=6, update_every=4, sigma_cutoff=0.5, rank_pattern={"c_attn|c_proj|c_fc": 0.25})
 
 
 class StopAt(TrainerCallback):
@@ -140,7 +140,8 @@ def test_raw_loop_save_state_load_state_resumes_exactly(tmp_path):
 
     g = torch.Generator().manual_seed(5)
     data = [{"input_ids": (ids := torch.randint(0, 128, (4, 16), generator=g)), "labels": ids} for _ in range(14)]
-    cfg = LowRankConfig(method="oialr", delay_steps=4, update_every=3, sigma_cutoff=0.3)
+    cfg = LowRankConfig(method="oialr", delay_steps=4, update_every=3, sigma_cutoff=0.9,
+                        rank_pattern={"c_attn|c_proj|c_fc": 0.25})
 
     full = get_lowrank_model(tiny_gpt2(), cfg)
     _raw_run(full, data, 14, Accelerator(cpu=True))

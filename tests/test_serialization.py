@@ -63,7 +63,8 @@ def test_svd_round_trip_through_auto_class(arch, tmp_path):
 
 
 def test_reload_keeps_frozen_factors_frozen(tmp_path):
-    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(method="oialr", delay_steps=0, sigma_cutoff=0.0))
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(method="oialr", delay_steps=0, sigma_cutoff=0.0,
+                                                         rank_pattern={"c_attn|c_proj|c_fc": 0.25}))
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     layer = reloaded.transformer.h[0].mlp.c_fc

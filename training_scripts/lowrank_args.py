@@ -28,12 +28,13 @@ from typing import Optional, Union
 from transformers import TrainingArguments
 
 from hf_lowrank import LowRankConfig
+from hf_lowrank.config import knob_owner
+from hf_lowrank.methods import method_class, method_names
 
 METHOD_ARG = "lowrank_method"
-METHOD_CHOICES = ("oialr", "inrank", "svd", "none")
+# The registered methods (third-party ones included, when registered before this module is imported), or none.
+METHOD_CHOICES = (*method_names(), "none")
 _REGEX_CHARS = set("*+?[](){}|^$\\")
-# Which method a knob belongs to, from the prefix of its help text in LowRankConfig ("OIALR: ...").
-_HELP_PREFIX = {"OIALR": "oialr", "InRank": "inrank", "svd": "svd"}
 
 
 # --- argparse type functions (their names show in argparse's error messages) ------------------------------
@@ -126,7 +127,9 @@ def _build_lowrank_arguments():
             specs.append((name, str, dataclasses.field(default=f.default, metadata=metadata)))
             continue
         arg_type = _argument_type(hints[f.name])
-        metadata = {"help": help_text + _FORM_HELP.get(arg_type, "")}
+        owner = f.metadata.get("method")
+        prefix = f"{method_class(owner).title}: " if owner else ""  # which method the knob belongs to
+        metadata = {"help": prefix + help_text + _FORM_HELP.get(arg_type, "")}
         if f.default_factory is not dataclasses.MISSING:
             spec = dataclasses.field(default_factory=f.default_factory, metadata=metadata)
         else:
@@ -143,14 +146,6 @@ def _build_lowrank_arguments():
 
 LowRankArguments = _build_lowrank_arguments()
 LOWRANK_ARGUMENT_NAMES = tuple(f.name for f in dataclasses.fields(LowRankArguments))
-
-
-def _knob_method(name: str) -> Optional[str]:
-    for f in dataclasses.fields(LowRankConfig):
-        if f.name == name:
-            prefix = f.metadata.get("help", "").split(":", 1)[0]
-            return _HELP_PREFIX.get(prefix)
-    return None
 
 
 def lowrank_config_from_args(args) -> Optional[LowRankConfig]:
@@ -176,7 +171,7 @@ def ignored_knobs(args) -> list[str]:
     defaults = LowRankConfig()
     ignored = []
     for f in dataclasses.fields(LowRankConfig):
-        owner = _knob_method(f.name)
+        owner = knob_owner(f.name)
         if owner is None or owner == method:
             continue
         if getattr(args, f.name) != getattr(defaults, f.name):

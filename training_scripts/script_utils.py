@@ -515,7 +515,12 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
-_METHOD_NAMES = {"oialr": "OIALR", "inrank": "InRank", "svd": "one-shot SVD"}
+def _method_title(name: Optional[str], default: str) -> str:
+    from hf_lowrank.methods import method_class, method_names
+
+    return method_class(name).title if name in method_names() else default
+
+
 
 
 def print_summary(model, lowrank_config, metrics: dict, output_dir: str, training_args, auto_class: str,
@@ -523,10 +528,10 @@ def print_summary(model, lowrank_config, metrics: dict, output_dir: str, trainin
     """Print (main process) the dense-vs-compressed summary, metrics included; returns the text."""
     summary = lowrank_summary(model)
     if lowrank_config is not None:
-        method = _METHOD_NAMES.get(lowrank_config.method, lowrank_config.method)
+        method = _method_title(lowrank_config.method, lowrank_config.method)
     elif summary.layers:  # a factorized checkpoint used with --lowrank_method none
         loaded = getattr(getattr(model, "lowrank_config", None), "method", None)
-        method = f"{_METHOD_NAMES.get(loaded, 'low-rank')} checkpoint, no rank schedule in this run"
+        method = f"{_method_title(loaded, 'low-rank')} checkpoint, no rank schedule in this run"
     else:
         method = "dense (no low-rank method)"
     saved = summary.dense_params - summary.params
@@ -569,7 +574,7 @@ def print_summary(model, lowrank_config, metrics: dict, output_dir: str, trainin
             return sum(h["ranks"].values()) / full
 
         lines.append("rank changes: " + ", ".join(f"step {h['step']} {h['event']} → {frac(h):.0%}" for h in changes))
-    if summary.layers:
+    if summary.layers or summary.dense_layers:
         lines += ["-" * rule, "per-layer ranks:", str(summary)]
     if saved_model:
         lines += ["-" * rule, f"model saved to {output_dir}",

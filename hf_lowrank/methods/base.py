@@ -6,15 +6,20 @@ or a process group. `surgery.apply_changes` carries the decision out.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from ..config import LowRankConfig
-from ..inject import layer_max_rank, pattern_lookup, rank_from_spec
+from ..layers import break_even_rank, linear_shape
+from ..registry import register_method
+from ..targets import layer_max_rank, pattern_lookup, rank_from_spec
+
+__all__ = ["LayerChange", "Method", "register_method", "resolve_steps"]
 
 
 @dataclass
@@ -27,20 +32,27 @@ class LayerChange:
     dimensions and `m` is the dense weight's moment (out×in); left/right then default to the new `U`/`V`
     (the exact chain rule: `∂L/∂S = Uᵀ G V`, `∂L/∂U = G V`, `∂L/∂V = Gᵀ U`). Columns of P/Q that are zero start with
     zero moments (e.g. newly grown components).
+
+    A change with `U = V = None` holds a dense layer dense: its rank `info["rank"]` is at or above break-even
+    (a factorization would store and compute more than the dense layer), `info["reason"]` says so.
     """
 
     name: str
-    U: torch.Tensor
+    U: Optional[torch.Tensor]
     S: Optional[torch.Tensor]
-    V: torch.Tensor
-    trainable: tuple[str, ...]
+    V: Optional[torch.Tensor]
+    trainable: tuple[str, ...] = ()
     left: Optional[torch.Tensor] = None
     right: Optional[torch.Tensor] = None
     info: dict = field(default_factory=dict)  # JSON-able facts for the method's own bookkeeping
 
     @property
+    def holds_dense(self) -> bool:
+        return self.U is None
+
+    @property
     def rank(self) -> int:
-        return self.U.shape[1]
+        return self.info["rank"] if self.U is None else self.U.shape[1]
 
 
 def resolve_steps(value: Union[int, float, None], total_steps: Optional[int], knob: str) -> Optional[int]:
@@ -49,24 +61,75 @@ def resolve_steps(value: Union[int, float, None], total_steps: Optional[int], kn
         return value
     if not total_steps:
         raise ValueError(f"{knob}={value} is a fraction of the run, but the total number of optimizer steps is "
-                         "unknown: pass num_training_steps to LowRankController (the Trainer does it for you).")
+                         "unknown: pass num_training_steps to LowRankController (the Trainer does it for you), or "
+                         "give the knob as a step count.")
     return max(1, math.ceil(value * total_steps))
 
 
 class Method:
     """Interface of a rank method. Schedules count optimizer steps; `step` is the number of optimizer
-    steps taken so far (1 after the first `optimizer.step()`)."""
+    steps taken so far (1 after the first `optimizer.step()`).
+
+    Subclass it, set `name` (and `title`, `card_description` for model cards), implement the hooks below, and
+    decorate the class with `hf_lowrank.register_method`. Options of a third-party method come from
+    `LowRankConfig(method=name, method_options={...})`: declare them as a dataclass in `options_class` and read
+    them from `self.options`.
+
+    The hooks, in the order a run calls them:
+        initial_changes: in `get_lowrank_model`, before training.
+        begin: once when training starts.
+        is_due: after every optimizer step (identical on every process).
+        decide: when due, on one process; returns `LayerChange`s.
+        commit: on every process, after the changes were applied.
+        state_dict / load_state_dict, tensor_state / load_tensor_state: checkpoints (JSON and tensors).
+    """
 
     name = "base"
+    title = "base"  # a short display name, e.g. "OIALR"
+    card_description = ""  # one paragraph for model cards (Markdown)
+    options_class: Optional[type] = None  # a dataclass of the method's own options (third-party methods)
 
     def __init__(self, config: LowRankConfig):
         self.config = config
+        self.options = self.options_class(**config.method_options) if self.options_class is not None else None
 
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        """Validate `LowRankConfig.method_options` for this method (raises `ValueError` naming the problem)."""
+        if cls.options_class is None:
+            if options:
+                raise ValueError(f"method {cls.name!r} takes no method_options (got {sorted(options)}); its knobs are "
+                                 "LowRankConfig fields.")
+            return
+        known = {f.name for f in dataclasses.fields(cls.options_class)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"method_options {unknown} are not options of method {cls.name!r}; it takes "
+                             f"{sorted(known)}.")
+        cls.options_class(**options)  # the options dataclass's own checks (__post_init__)
+
+    # --- shared helpers ------------------------------------------------------------------------------
     def starting_rank(self, name: str, module: nn.Module, default) -> int:
         """`rank_pattern` override for this layer, else `default` (an int rank or a float fraction)."""
         spec = pattern_lookup(self.config.rank_pattern, name)
         return rank_from_spec(default if spec is None else spec, layer_max_rank(module), name)
 
+    @staticmethod
+    def dense_hold(name: str, module: nn.Module, rank: int, *, has_sigma: bool,
+                   info: Optional[dict[str, Any]] = None) -> Optional[LayerChange]:
+        """A change holding a dense layer dense when `rank` is at or above break-even (a factorization would
+        store and compute more than the dense layer); None when factorizing at `rank` pays."""
+        n_in, n_out = linear_shape(module)
+        limit = break_even_rank(n_in, n_out, has_sigma)
+        if rank <= limit:
+            return None
+        stored = rank * (n_in + n_out) + (rank * rank if has_sigma else 0)
+        reason = (f"rank {rank}/{min(n_in, n_out)} would store {stored / (n_in * n_out):.0%} of the dense weight "
+                  f"(factorized only at rank ≤ {limit})")
+        return LayerChange(name, None, None, None, info={"event": "dense", "rank": rank, "reason": reason,
+                                                          **(info or {})})
+
+    # --- hooks ---------------------------------------------------------------------------------------
     def initial_changes(self, model: nn.Module, targets: list[str]) -> list[LayerChange]:
         """Changes to make in `get_lowrank_model`, before any training."""
         return []
@@ -95,11 +158,11 @@ class Method:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Restore what `state_dict` returned."""
 
     def tensor_state(self) -> dict[str, torch.Tensor]:
         """Tensors to checkpoint beside `state_dict` (saved as safetensors)."""
         return {}
 
     def load_tensor_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        pass
+        """Restore what `tensor_state` returned."""

@@ -18,22 +18,13 @@ from typing import Optional
 
 import torch
 
-from ..layers import LowRankLinear, dense_weight_of, factors_from_svd, svd_f32
-from .base import LayerChange, Method, resolve_steps
-from .svd import energy_rank
+from ..layers import LowRankLinear, break_even_rank, dense_weight_of
+from ..linalg import energy_rank, factors_from_svd, product_spectrum, svd_f32
+from .base import LayerChange, Method, register_method, resolve_steps
 
 
 # A cumulative update below this fraction of the weight's norm is rounding noise, not learning.
 UNCHANGED = 1e-5
-
-
-def product_spectrum(left: torch.Tensor, right: torch.Tensor) -> Optional[torch.Tensor]:
-    """Singular values of `left @ right.T` from QR factors of each side (an (k×k) SVD, never the dense
-    out×in product); None (with a warning) when not finite or the SVD fails."""
-    q_left = torch.linalg.qr(left.detach().float())[1]
-    q_right = torch.linalg.qr(right.detach().float())[1]
-    decomposition = svd_f32(q_left @ q_right.t())
-    return None if decomposition is None else decomposition[1]
 
 
 def grow_components(layer: LowRankLinear, extra: int, generator: Optional[torch.Generator] = None):
@@ -44,8 +35,15 @@ def grow_components(layer: LowRankLinear, extra: int, generator: Optional[torch.
     return torch.cat([U, U.new_zeros(U.shape[0], extra)], 1), torch.cat([V, new_v], 1)
 
 
+@register_method
 class InRankMethod(Method):
     name = "inrank"
+    title = "InRank"
+    card_description = (
+        "**InRank** (incremental low-rank learning, Zhao et al., arXiv:2306.11250): each layer (or its cumulative "
+        "update) is `U Vᵀ` at a small rank plus a buffer of extra components; at every check the rank grows to what an "
+        "explained-variance threshold τ of the update's spectrum asks for, never past the rank at which `U Vᵀ` would "
+        "store as much as the dense weight; after a set step the rank is frozen and the buffer dropped.")
 
     def __init__(self, config):
         super().__init__(config)
@@ -78,8 +76,10 @@ class InRankMethod(Method):
         return step >= warmup and (step - warmup) % every == 0
 
     # --- structure -----------------------------------------------------------------------------------
-    def _cap(self, layer) -> int:
-        return max(1, int(self.config.max_rank_fraction * layer.max_rank))
+    def _cap(self, module) -> int:
+        """Components a layer may hold: `max_rank_fraction` of full rank, and below break-even."""
+        n_in, n_out = module.in_features, module.out_features
+        return max(1, min(int(self.config.max_rank_fraction * min(n_in, n_out)), break_even_rank(n_in, n_out, False)))
 
     def initial_changes(self, model, targets):
         changes = []
@@ -96,6 +96,10 @@ class InRankMethod(Method):
                     " Lower buffer_rank/init_rank (the paper's 2 + 100 suits GPT-2-small widths) or target "
                     "wider layers.")
             weight = dense_weight_of(module).detach().float()
+            hold = self.dense_hold(name, module, held, has_sigma=False) if self.config.inrank_mode == "efficient" else None
+            if hold is not None:  # rank + buffer already at break-even: U Vᵀ would never be smaller than dense
+                changes.append(hold)
+                continue
             if self.config.inrank_mode == "efficient":
                 U, V = self._efficient_start(weight, held)
                 info = {"event": "start", "rank": rank}
@@ -113,13 +117,17 @@ class InRankMethod(Method):
     def _efficient_start(weight: torch.Tensor, held: int):
         """Balanced factors of the best rank-`held` approximation of the dense initialization, rescaled to
         its Frobenius norm so activations keep the scale the architecture's init intends."""
-        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        decomposition = svd_f32(weight)
+        if decomposition is None:
+            raise ValueError("InRank cannot start from a weight that is not finite or whose SVD fails.")
+        u, s, vh = decomposition
         s_kept = s[:held]
         scale = (s.square().sum() / s_kept.square().sum().clamp_min(1e-30)).sqrt()
         U, _, V = factors_from_svd(u[:, :held], s_kept * scale, vh[:held].t(), has_sigma=False)
         return U, V
 
     def begin(self, model, targets):
+        targets = [n for n in targets if isinstance(model.get_submodule(n), LowRankLinear)]
         for name in targets:  # a fresh controller (or a reloaded model) learns the ranks from the layers
             self.ranks.setdefault(name, max(1, model.get_submodule(name).rank - self.config.buffer_rank))
         if self.config.inrank_mode == "efficient" and not self.start and not self.frozen:
@@ -140,13 +148,13 @@ class InRankMethod(Method):
     def decide(self, model, targets, step, total_steps):
         _, _, freeze = self._steps(total_steps)
         if freeze is not None and step >= freeze:
-            return [c for name in targets if (c := self._freeze(name, model.get_submodule(name)))]
+            return [c for name in self.ranks if (c := self._freeze(name, model.get_submodule(name)))]
         changes = []
         generator = torch.Generator().manual_seed(step)
-        for name in targets:
+        for name in self.ranks:
             layer = model.get_submodule(name)
             spectrum = self.cumulative_spectrum(name, layer)
-            if spectrum is None or spectrum.norm() <= UNCHANGED * layer.dense_matrix().detach().norm():
+            if spectrum is None or spectrum.norm() <= UNCHANGED * _weight_norm(layer):
                 continue  # nothing learned yet (only rounding noise), or a failed SVD (already warned)
             rank = self.ranks[name]
             needed = energy_rank(spectrum, self.config.explained_ratio)
@@ -179,6 +187,9 @@ class InRankMethod(Method):
 
     def commit(self, changes, step):
         for change in changes:
+            if change.holds_dense:  # InRank never factorizes it: it trains dense
+                self.ranks.pop(change.name, None)
+                continue
             self.ranks[change.name] = change.info.get("rank", self.ranks.get(change.name))
             if change.info.get("event") == "freeze":
                 self.frozen = True
@@ -198,3 +209,12 @@ class InRankMethod(Method):
 
     def load_tensor_state(self, tensors):
         self.start = dict(tensors)
+
+
+def _weight_norm(layer: LowRankLinear) -> float:
+    """‖W‖_F without forming W: ‖U Vᵀ‖_F² = tr((UᵀU)(VᵀV)), r×r products only (plus ‖W0‖ when held)."""
+    U, V = layer.U.detach().float(), layer.V.detach().float()
+    squared = ((U.t() @ U) * (V.t() @ V)).sum().clamp_min(0)
+    if layer.base is not None:  # the update is tiny next to W0: its norm is the scale
+        return layer.base.detach().float().norm().item()
+    return squared.sqrt().item()

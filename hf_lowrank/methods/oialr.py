@@ -9,8 +9,10 @@ import math
 
 import torch
 
-from ..layers import LowRankLinear, dense_weight_of, svd_f32
-from .base import LayerChange, Method, resolve_steps
+from ..layers import LowRankLinear, dense_weight_of
+from ..targets import layer_max_rank
+from ..linalg import svd_f32
+from .base import LayerChange, Method, register_method, resolve_steps
 
 
 def oialr_rank(s: torch.Tensor, rank: int, cutoff: float, max_cut_fraction: float, floor: int) -> int:
@@ -25,8 +27,21 @@ def oialr_rank(s: torch.Tensor, rank: int, cutoff: float, max_cut_fraction: floa
     return min(rank, max(keep, lowest))
 
 
+@register_method
 class OIALRMethod(Method):
     name = "oialr"
+    title = "OIALR"
+    card_description = (
+        "**OIALR** (orthogonality-informed adaptive low-rank training, Coquelin et al., arXiv:2401.08505): the layers "
+        "train at full rank for a warm-up, are then converted to `U Σ Vᵀ` with frozen orthogonal bases `U`, `V` and a "
+        "small trainable `Σ`; every few optimizer steps `Σ` is re-diagonalized, the bases rotated, and singular values "
+        "below a fraction of the largest cut, so the rank only shrinks. A layer whose rank is still above break-even "
+        "(where `U Σ Vᵀ` would store more than the dense weight) stays dense until an update brings it below.")
+
+    def __init__(self, config):
+        super().__init__(config)
+        # Ranks of layers held dense because their rank is above break-even; the rule continues from them.
+        self.dense_ranks: dict[str, int] = {}
 
     def _delay(self, total_steps):
         return resolve_steps(self.config.delay_steps, total_steps, "delay_steps")
@@ -35,10 +50,7 @@ class OIALRMethod(Method):
         return resolve_steps(self.config.update_every, total_steps, "update_every")
 
     def _floor(self, module) -> int:
-        full = min(module.in_features, module.out_features) if isinstance(module, LowRankLinear) else None
-        if full is None:
-            w = dense_weight_of(module)
-            full = min(w.shape)
+        full = layer_max_rank(module)
         return min(full, max(self.config.min_rank, int(self.config.min_rank_fraction * full)))
 
     def converted_targets(self, targets: list[str]) -> list[str]:
@@ -71,8 +83,8 @@ class OIALRMethod(Method):
         names = self.converted_targets(targets)
         # Layers still dense (the conversion step, or an earlier conversion skipped on a failed SVD) convert
         # now, cut by the same rule; converted layers get their basis update.
-        factored = [n for n in names if isinstance(model.get_submodule(n), LowRankLinear)]
-        changes = self._convert(model, [n for n in names if n not in factored])
+        factored = [n for n in names if _has_sigma(model.get_submodule(n))]
+        changes = self._convert(model, [n for n in names if not isinstance(model.get_submodule(n), LowRankLinear)])
         update_index = (step - self._delay(total_steps)) // self._every(total_steps)
         rolled_out = self._rolled_out(names, update_index)
         changes += [c for n in factored if n in rolled_out and (c := self._rotate_and_cut(n, model.get_submodule(n)))]
@@ -94,12 +106,30 @@ class OIALRMethod(Method):
             if decomposition is None:
                 continue  # svd_f32 warned; this layer stays dense and is tried again at the next update
             u, s, vh = decomposition
-            start = self.starting_rank(name, module, min(u.shape[0], vh.shape[1]))
+            # A layer held dense continues from the rank the rule gave it last time.
+            start = self.dense_ranks.get(name) or self.starting_rank(name, module, min(u.shape[0], vh.shape[1]))
             rank = oialr_rank(s[:start], start, self.config.sigma_cutoff, self.config.max_cut_fraction,
                               self._floor(module))
+            hold = self.dense_hold(name, module, rank, has_sigma=True)
+            if hold is not None:
+                changes.append(hold)
+                continue
             changes.append(LayerChange(name, u[:, :rank], torch.diag(s[:rank]), vh[:rank].t(), trainable=("S",),
                                        info={"event": "convert", "rank": rank}))
         return changes
+
+    def commit(self, changes, step):
+        for change in changes:
+            if change.holds_dense:
+                self.dense_ranks[change.name] = change.rank
+            else:
+                self.dense_ranks.pop(change.name, None)
+
+    def state_dict(self):
+        return {"dense_ranks": self.dense_ranks}
+
+    def load_state_dict(self, state):
+        self.dense_ranks = dict(state.get("dense_ranks", {}))
 
     def _rotate_and_cut(self, name: str, layer: LowRankLinear):
         """SVD of Σ (r×r): rotate U, V by its singular vectors (W unchanged) and cut small values."""
@@ -115,3 +145,8 @@ class OIALRMethod(Method):
         V = layer.V.detach().float() @ Q
         return LayerChange(name, U, torch.diag(s[:rank]), V, trainable=("S",), left=P, right=Q,
                            info={"event": "update", "rank": rank})
+
+
+def _has_sigma(module) -> bool:
+    """A layer in OIALR's training form (a use-form export folded `Σ` away: nothing left to rotate)."""
+    return isinstance(module, LowRankLinear) and module.S is not None

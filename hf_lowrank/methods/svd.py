@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import torch
-
-from ..layers import dense_weight_of, factors_from_svd, svd_f32
-from .base import LayerChange, Method
-
-
-def energy_rank(singular_values: torch.Tensor, threshold: float) -> int:
-    """The fewest leading singular values whose squares hold `threshold` of the total."""
-    energy = singular_values.double().square()
-    total = energy.sum()
-    if total <= 0:
-        return 1
-    cumulative = energy.cumsum(0) / total
-    return int(torch.searchsorted(cumulative, torch.tensor(threshold, dtype=cumulative.dtype) - 1e-12).item()) + 1
+from ..layers import dense_weight_of
+from ..linalg import energy_rank, factors_from_svd, svd_f32
+from .base import LayerChange, Method, register_method
 
 
+@register_method
 class SVDMethod(Method):
     name = "svd"
+    title = "one-shot SVD"
+    card_description = ("**One-shot SVD**: each layer's weight was truncated to its leading singular components "
+                        "(`U Vᵀ`, the singular values folded into both factors), then trained as factors.")
 
     def describe(self, total_steps):
         return f"svd: layers truncated once, now; {total_steps} optimizer steps of training on the factors.", None
@@ -36,6 +29,10 @@ class SVDMethod(Method):
             if self.config.energy_threshold is not None:
                 default = energy_rank(s, self.config.energy_threshold)
             rank = self.starting_rank(name, module, default)
+            hold = self.dense_hold(name, module, rank, has_sigma=False)
+            if hold is not None:  # the truncation would not save anything: keep the exact dense layer
+                changes.append(hold)
+                continue
             U, _, V = factors_from_svd(u[:, :rank], s[:rank], vh[:rank].t(), has_sigma=False)
             changes.append(LayerChange(name, U, None, V, trainable=("U", "V"), info={"event": "compress"}))
         return changes
