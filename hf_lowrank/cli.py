@@ -57,23 +57,31 @@ def cmd_inspect(args) -> int:
 
 
 def _check_output(args, what: str) -> str:
-    """OUT must not be DIR (also through a symlink) and, unless --overwrite, must be empty or absent."""
+    """OUT must not be DIR (paths resolved, so also not through a symlink) and, unless --overwrite, must be empty
+    or absent. Returns the resolved OUT; nothing is changed yet (DIR may still fail to load)."""
     source, target = os.path.realpath(args.dir), os.path.realpath(args.out)
     if source == target:
-        raise CommandError(f"OUT must differ from DIR: {what} in place would overwrite the factorized model.")
+        raise CommandError(f"OUT must differ from DIR ({args.out!r} is {args.dir!r}): {what} in place would overwrite "
+                           "the factorized model. Choose another OUT.")
     if os.path.isdir(target) and os.listdir(target) and not args.overwrite:
         raise CommandError(f"{args.out!r} exists and is not empty; choose another OUT or pass --overwrite.")
-    if os.path.isdir(target):  # weights of an earlier model there (a sharded one's index too) would mix with ours
-        for name in os.listdir(target):
-            if name.startswith(("model.safetensors", "model-", "pytorch_model")) and not os.path.islink(
-                    os.path.join(target, name)):
-                os.remove(os.path.join(target, name))
     return target
+
+
+def _save_over(model, target: str) -> None:
+    """`model.save_pretrained(target)` after removing the weights of an earlier model there: a sharded one's
+    shards and index would otherwise stay beside ours and mix with them. Symlinks are removed as links (never
+    written through)."""
+    if os.path.isdir(target):
+        for name in os.listdir(target):
+            if name.startswith(("model.safetensors", "model-", "pytorch_model")):
+                os.remove(os.path.join(target, name))
+    model.save_pretrained(target)
 
 
 def cmd_export(args) -> int:
     from .history import HISTORY_NAME
-    from .hub.loading import copy_processor_files
+    from .hub.loading import copy_processor_files, is_regular_file
     from .serialization import to_use_form
     from .summary import lowrank_summary
 
@@ -82,9 +90,9 @@ def cmd_export(args) -> int:
     before = lowrank_summary(model)
     to_use_form(model)
     after = lowrank_summary(model)
-    model.save_pretrained(target)
+    _save_over(model, target)
     copied = copy_processor_files(args.dir, target)
-    if os.path.isfile(os.path.join(args.dir, HISTORY_NAME)):
+    if is_regular_file(os.path.join(args.dir, HISTORY_NAME)):
         shutil.copyfile(os.path.join(args.dir, HISTORY_NAME), os.path.join(target, HISTORY_NAME))
     merged = len(before.layers) - len(after.layers)
     print(f"Wrote the use form of {type(model).__name__} to {args.out}: {len(after.layers)} factorized layers store "
@@ -103,7 +111,7 @@ def cmd_merge(args) -> int:
     model = _load(args.dir)
     factorized = sum(isinstance(m, LowRankLinear) for m in model.modules())
     merge_and_unload(model)
-    model.save_pretrained(target)
+    _save_over(model, target)
     copied = copy_processor_files(args.dir, target)
     what = f"{factorized} factorized layers merged" if factorized else "the model had no factorized layers"
     extra = f"; copied {', '.join(copied)}" if copied else ""
@@ -150,6 +158,8 @@ def cmd_push(args) -> int:
                            commit_message=args.commit_message, revision=args.revision, **_card_kwargs(args))
     except (NotAModelError, OfflineModeIsEnabled) as err:
         raise CommandError(str(err)) from None
+    except ValueError as err:  # e.g. inconsistent ranks, truncated weights, an invalid repository id
+        raise CommandError(f"cannot push {args.dir!r}: {err}") from None
     url = getattr(info, "commit_url", None) or args.repo_id
     print(f"Pushed {args.dir} to {args.repo_id} ({url})")
     return 0

@@ -122,8 +122,11 @@ class LowRankConfig:
                   "(W = W0 + U Vᵀ with U Vᵀ = 0 at start, for fine-tuning)."},
     )
     init_rank: int = field(default=2, metadata={"method": "inrank", "help": "Starting rank r."})
-    buffer_rank: int = field(
-        default=100, metadata={"method": "inrank", "help": "Extra components b trained beside the rank until freeze_step."}
+    buffer_rank: Union[int, float] = field(
+        default=100,
+        metadata={"method": "inrank", "help": "Extra components b trained beside the rank until freeze_step: a count, or "
+                  "a float in (0, 1) as a fraction of each layer's full rank (the paper's 100 is 0.13 of GPT-2 small's "
+                  "768).", "unit": "rank"},
     )
     explained_ratio: float = field(
         default=0.9,
@@ -152,6 +155,8 @@ class LowRankConfig:
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
         _check(self.target_modules not in (None, "", []), "target_modules is empty: use 'all-linear' or names.")
+        _check(isinstance(self.rank_pattern, dict), f"rank_pattern={self.rank_pattern!r} must be a dict "
+               "{layer name suffix or regex: rank or fraction}, e.g. {'c_attn': 0.25}.")
         for key, value in self.rank_pattern.items():
             ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (
                 isinstance(value, float) and 0.0 < value <= 1.0
@@ -173,7 +178,10 @@ class LowRankConfig:
         _check(self.inrank_mode in INRANK_MODES,
                f"Unknown inrank_mode {self.inrank_mode!r}: choose one of {', '.join(INRANK_MODES)}.")
         _check(self.init_rank >= 1, f"init_rank={self.init_rank} must be ≥ 1.")
-        _check(self.buffer_rank >= 0, f"buffer_rank={self.buffer_rank} must be ≥ 0.")
+        _check(not isinstance(self.buffer_rank, bool) and (
+            (isinstance(self.buffer_rank, int) and self.buffer_rank >= 0)
+            or (isinstance(self.buffer_rank, float) and 0.0 < self.buffer_rank < 1.0)),
+            f"buffer_rank={self.buffer_rank!r}: use a count ≥ 0 or a fraction of full rank in (0, 1).")
         _check(0.0 < self.explained_ratio <= 1.0, f"explained_ratio (τ)={self.explained_ratio} must be in (0, 1].")
         _check(0.0 < self.max_rank_fraction <= 1.0, f"max_rank_fraction={self.max_rank_fraction} must be in (0, 1].")
         if self.freeze_step is not None:

@@ -127,7 +127,8 @@ class LowRankLinear(nn.Module):
         return replaced
 
     def set_trainable(self, factors: Iterable[str]) -> None:
-        """Make exactly the named factors (`"U"`, `"S"`, `"V"`) trainable; the bias always trains."""
+        """Make exactly the named factors (`"U"`, `"S"`, `"V"`) trainable; a held `base` (`W0`) is frozen. The bias
+        keeps its own flag."""
         factors = set(factors)
         unknown = factors - set(FACTOR_NAMES)
         if unknown or ("S" in factors and self.S is None):
@@ -135,6 +136,8 @@ class LowRankLinear(nn.Module):
                              f"{self.factor_names()}.")
         for name in self.factor_names():
             getattr(self, name).requires_grad_(name in factors)
+        if self.base is not None:  # loading replaces parameters by trainable ones: W0 must stay frozen
+            self.base.requires_grad_(False)
 
     # --- properties -----------------------------------------------------------------------------------
     @property
@@ -206,7 +209,7 @@ class LowRankLinear(nn.Module):
             materialized += n_out * n_in * r * (g_u + g_v)       # dU = dW V, dV = dWᵀ U
             return chain, materialized
         # with S: see _SigmaChain for the chain's products
-        chain = T * r * (n_in + n_out) + n_out * r * r           # h = x V, US = U S, y = h (US)ᵀ
+        chain = T * r * (n_in + n_out) + min(T, n_out) * r * r   # h = x V, then U S or h Sᵀ (_SigmaChain), y
         need_g = g_s or g_v or g_x
         chain += T * n_out * r * need_g                          # g = dy U
         chain += (T * n_out * r + n_out * r * r) * g_u           # dU = (dyᵀ h) Sᵀ
@@ -285,15 +288,19 @@ class _SigmaChain(torch.autograd.Function):
     """`y = x V Sᵀ Uᵀ + b` for 2-D `x`, computing only the gradients that are needed.
 
     Compared with autograd over `((x V) Sᵀ) Uᵀ`, it never forms `T×r` products with `S` that are not needed:
-    the forward uses `U S` (out·r² instead of T·r²), and with `U`, `V` frozen (OIALR) the backward is
+    the forward uses `U S` (out·r² instead of T·r²) when there are more tokens than outputs, `(x V) Sᵀ` when there
+    are fewer (generation), and with `U`, `V` frozen (OIALR) the backward is
     `g = dy U`, `dS = gᵀ (x V)`, `dx = g (S Vᵀ)`; only `x V` (T×r) is saved, not `x`, unless `V` trains.
     """
 
     @staticmethod
     def forward(ctx, x, U, S, V, bias):
         h = x @ V
-        US = U @ S
-        y = torch.addmm(bias, h, US.t()) if bias is not None else h @ US.t()
+        if x.shape[0] < U.shape[0]:  # few tokens (generation): T·r² for (h Sᵀ) beats out·r² for U S
+            left, right = h @ S.t(), U
+        else:
+            left, right = h, U @ S
+        y = torch.addmm(bias, left, right.t()) if bias is not None else left @ right.t()
         need_x, need_u, need_s, need_v, need_b = ctx.needs_input_grad
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x if need_v else None, h if (need_u or need_s) else None, U, S, V)

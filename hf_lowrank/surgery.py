@@ -1,5 +1,6 @@
 """Applies a method's decision: swaps/re-factors layers, carries optimizer state into the new
-coordinates, broadcasts decisions from process 0, and re-prepares the model for the accelerator.
+coordinates (also under FSDP2, re-sharding the changed layers), shares the decisions made on every process,
+and re-prepares the model for the accelerator.
 
 Surgery never decides ranks; methods never touch the optimizer. Whoever drives a change (the entry point,
 the controller) records the resulting structure with `serialization.sync_quantization_config`.
@@ -8,7 +9,6 @@ the controller) records the resulting structure with `serialization.sync_quantiz
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -16,6 +16,8 @@ from torch import nn
 
 from .layers import DENSE_LAYERS_ATTR, LowRankLinear, build_lowrank_linear, dense_weight_of, is_conv1d
 from .methods.base import LayerChange
+from .sharding import (check_sharded_training, distribute_like, full_tensor, is_fully_sharded, reset_lazy_init,
+                       shard_module, unshard_module, world)
 from .targets import replace_module
 
 # Optimizer state entries that transform like the gradient (first moments) or like its square.
@@ -29,7 +31,8 @@ def torch_optimizer(optimizer):
 
 
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Whether several processes form a group."""
+    return world()[1] > 1
 
 
 def apply_changes(model: nn.Module, changes: list[LayerChange], optimizer=None) -> bool:
@@ -37,8 +40,48 @@ def apply_changes(model: nn.Module, changes: list[LayerChange], optimizer=None) 
 
     Returns True when parameters were created or changed shape, i.e. when a distributed wrapper must be
     re-prepared. Rotations that keep every shape, and layers held dense, return False.
+
+    Under FSDP2 (`fully_shard`) every process must call it with the same changes (it gathers and re-shards):
+    layer by layer, the changed layer gets full plain parameters (optimizer state gathered with them), the change
+    is applied as on one process, and the layer is sharded again as its own FSDP unit (state sharded back).
     """
     opt = torch_optimizer(optimizer) if optimizer is not None else None
+    if is_fully_sharded(model):
+        return _apply_sharded(model, changes, opt)
+    return _apply(model, changes, opt)
+
+
+def _apply_sharded(model: nn.Module, changes: list[LayerChange], opt) -> bool:
+    def gather_state(old, new):
+        _move_param(opt, old, new, full_tensor)
+
+    def shard_state(old, new):
+        _move_param(opt, old, new, lambda value: distribute_like(value, new))
+
+    structural = False
+    for change in changes:  # one layer at a time: only its full parameters and moments are held at once
+        spec = None if change.holds_dense else unshard_module(model, change.name, gather_state)
+        _apply(model, [change], opt)
+        if spec is not None:  # a layer FSDP did not manage stays as it was: unsharded
+            shard_module(model, change.name, spec, shard_state)
+        structural |= not change.holds_dense  # re-sharded: new parameter objects
+    if structural:
+        reset_lazy_init(model)
+    return structural
+
+
+def _move_param(opt, old: torch.Tensor, new: torch.Tensor, convert) -> None:
+    """Put `new` in `old`'s place in the optimizer, with `old`'s state tensors passed through `convert`."""
+    if opt is None:
+        return
+    state = opt.state.pop(old, None)
+    if any(p is old for group in opt.param_groups for p in group["params"]):
+        _swap_in_groups(opt, old, [new])
+    if state:
+        opt.state[new] = {k: convert(v) if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+def _apply(model: nn.Module, changes: list[LayerChange], opt) -> bool:
     structural = False
     dense_layers = getattr(model, DENSE_LAYERS_ATTR, None)
     if dense_layers is None:
@@ -188,34 +231,39 @@ def _mapped_state(opt, old_state: dict, name: str, left, right, param, dense: bo
 _TENSOR_FIELDS = ("U", "S", "V", "left", "right")
 
 
-def broadcast_changes(changes: Optional[list[LayerChange]], device: torch.device) -> list[LayerChange]:
-    """Process 0's decision on every process (no-op when not distributed).
+def share_changes(local: list[LayerChange], device: torch.device) -> list[LayerChange]:
+    """Every process's changes on every process (no-op when not distributed).
 
-    Process 0 passes its changes; the others pass None. Shapes and bookkeeping travel as a small object,
-    the factors as tensor broadcasts, so every process applies exactly the same numbers.
+    Each process passes the changes it decided (those of the layers it owns; process 0 passes them all when
+    decisions are not spread). Names, shapes and bookkeeping travel as small objects (`all_gather_object`);
+    each process's factors then go out in one float32 broadcast from that process. Every process, the deciding
+    one included, builds its changes from the broadcast buffer, so all apply bit-identical numbers. The result
+    lists process 0's changes first, then process 1's, and so on.
     """
     if not is_distributed():
-        return changes or []
+        return list(local)
+    metas = [None] * dist.get_world_size()
+    dist.all_gather_object(metas, [(c.name, tuple(c.trainable), c.info,
+                                    [(k, tuple(getattr(c, k).shape)) for k in _TENSOR_FIELDS
+                                     if getattr(c, k) is not None]) for c in local])
     rank = dist.get_rank()
-    meta = None
-    if rank == 0:
-        meta = [(c.name, c.trainable, c.info,
-                 {k: tuple(getattr(c, k).shape) for k in _TENSOR_FIELDS if getattr(c, k) is not None})
-                for c in changes]
-    box = [meta]
-    dist.broadcast_object_list(box, src=0)
     result = []
-    for i, (name, trainable, info, shapes) in enumerate(box[0]):
-        tensors = {}
-        for key, shape in shapes.items():
-            if rank == 0:
-                tensor = getattr(changes[i], key).detach().to(device=device, dtype=torch.float32).contiguous()
+    for source, meta in enumerate(metas):
+        sizes = [torch.Size(shape).numel() for *_, shapes in meta for _, shape in shapes]
+        pieces = iter(())
+        if sum(sizes):  # every process knows the sizes: all skip an empty broadcast alike
+            if source == rank:
+                flat = torch.cat([getattr(c, k).detach().to(device=device, dtype=torch.float32).reshape(-1)
+                                  for c in local for k in _TENSOR_FIELDS if getattr(c, k) is not None])
             else:
-                tensor = torch.empty(shape, device=device, dtype=torch.float32)
-            dist.broadcast(tensor, src=0)
-            tensors[key] = tensor
-        result.append(LayerChange(name, tensors.get("U"), tensors.get("S"), tensors.get("V"), tuple(trainable),
-                                  tensors.get("left"), tensors.get("right"), info))
+                flat = torch.empty(sum(sizes), device=device, dtype=torch.float32)
+            dist.broadcast(flat, src=source)
+            pieces = iter(flat.split(sizes))
+        for name, trainable, info, shapes in meta:
+            # clone: each factor gets its own storage, not a view that keeps the whole buffer alive
+            tensors = {k: next(pieces).reshape(shape).clone() for k, shape in shapes}
+            result.append(LayerChange(name, tensors.get("U"), tensors.get("S"), tensors.get("V"), trainable,
+                                      tensors.get("left"), tensors.get("right"), info))
     return result
 
 
@@ -223,15 +271,17 @@ def reprepare(accelerator, wrapped_model: nn.Module) -> nn.Module:
     """Wrap the model anew for `accelerator` after its parameters changed.
 
     Without it, DDP's reducer keeps syncing the old parameter list and new parameters silently stop being
-    synchronized across processes. Single-process runs need nothing and get `wrapped_model` back.
+    synchronized across processes. Single-process runs, and FSDP2 models (re-sharded in place by
+    `apply_changes`), need nothing and get `wrapped_model` back.
     """
     from accelerate.utils import DistributedType
 
+    check_sharded_training(accelerator)
     kind = accelerator.distributed_type
-    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise RuntimeError(f"hf_lowrank cannot change ranks under {kind.value}: use DDP (multi-GPU/multi-CPU).")
     if accelerator.num_processes == 1 or kind == DistributedType.NO:
         return wrapped_model
     inner = accelerator.unwrap_model(wrapped_model, keep_fp32_wrapper=False)
+    if is_fully_sharded(inner):
+        return wrapped_model  # FSDP2: apply_changes already re-sharded the changed layers in place
     accelerator._models = [m for m in accelerator._models if m is not wrapped_model and m is not inner]
     return accelerator.prepare_model(inner)

@@ -79,3 +79,22 @@ def lm_data(tokenizer, text_file):
     text = text_file.read_text()
     cut = int(len(text) * 0.9)
     return lm_blocks(tokenizer, text[:cut]), lm_blocks(tokenizer, text[cut:], limit=64)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run as fast on one thread, and much faster when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_text_split(folder, train_chars, validation_chars):
+    """`train.txt` and `validation.txt` of real English (standard-library docstrings) in `folder`; their paths."""
+    from demo_corpus import stdlib_docstrings
+
+    text = stdlib_docstrings(max_chars=train_chars + validation_chars)
+    (folder / "train.txt").write_text(text[:train_chars])
+    (folder / "validation.txt").write_text(text[train_chars:])
+    return folder / "train.txt", folder / "validation.txt"

@@ -17,7 +17,9 @@ from conftest import tiny_gpt2  # noqa: E402
 
 from hf_lowrank import LowRankConfig, LowRankController, LowRankLinear, LowRankTrainer, get_lowrank_model  # noqa: E402
 
-CFG = dict(method="oialr", delay_steps=3, update_every=2, sigma_cutoff=0.9, rank_pattern={"c_attn|c_proj|c_fc": 0.25})
+# WORKER_CONFIG (JSON LowRankConfig kwargs) runs another method (tests/test_contract.py)
+CFG = json.loads(os.environ.get("WORKER_CONFIG", "null")) or dict(
+    method="oialr", delay_steps=3, update_every=2, sigma_cutoff=0.9, rank_pattern={"c_attn|c_proj|c_fc": 0.25})
 STEPS = 8
 GLOBAL_BATCH = 8
 

@@ -12,8 +12,8 @@ import hf_lowrank
 
 PACKAGE = Path(hf_lowrank.__file__).parent
 # DESIGN.md's order: a module may import only modules listed before it (or inside its own package).
-LAYERS = ["version", "registry", "config", "linalg", "layers", "targets", "methods", "surgery", "serialization",
-          "summary", "inject", "history", "controller", "trainer", "diagnostics", "hub", "cli"]
+LAYERS = ["version", "registry", "config", "linalg", "layers", "targets", "methods", "sharding", "surgery",
+          "serialization", "summary", "inject", "history", "controller", "diagnostics", "hub", "trainer", "cli"]
 
 
 def _module_name(path: Path) -> str:

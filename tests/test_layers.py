@@ -77,15 +77,16 @@ def _reference(layer, x):
 @pytest.mark.parametrize("trainable", [("S",), ("U", "S", "V"), ("U",), ("V",), ("S", "V"), ()])
 @pytest.mark.parametrize("input_grad", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_sigma_chain_gradients_match_autograd_through_the_dense_weight(trainable, input_grad, bias):
+@pytest.mark.parametrize("tokens", [64, 3])  # more tokens than outputs (U S first), fewer ((x V) Sᵀ first)
+def test_sigma_chain_gradients_match_autograd_through_the_dense_weight(trainable, input_grad, bias, tokens):
     torch.manual_seed(1)
     layer = LowRankLinear.from_dense(nn.Linear(48, 40, bias=bias), rank=6, has_sigma=True, trainable=trainable)
-    assert layer.chain_is_cheaper(tokens=2 * 64, backward=True, input_grad=input_grad)
-    x = torch.randn(2, 64, 48, requires_grad=input_grad)
-    dy = torch.randn(2, 64, 40)
+    assert layer.chain_is_cheaper(tokens=2 * tokens, backward=True, input_grad=input_grad)
+    x = torch.randn(2, tokens, 48, requires_grad=input_grad)
+    dy = torch.randn(2, tokens, 40)
     params = [p for p in layer.parameters() if p.requires_grad]
     y = layer(x)
-    assert y.shape == (2, 64, 40)
+    assert y.shape == (2, tokens, 40)
     torch.testing.assert_close(y, _reference(layer, x), atol=1e-5, rtol=1e-4)
     wrt = params + ([x] if input_grad else [])
     if not wrt:  # nothing trains: no graph at all

@@ -30,6 +30,7 @@ from transformers import (  # noqa: E402
 
 import hf_lowrank  # noqa: E402,F401
 from hf_lowrank import LowRankConfig, LowRankLinear, LowRankTrainer, lowrank_summary  # noqa: E402
+from conftest import write_text_split  # noqa: E402
 
 TINY_GPT2 = "n_embd=32,n_layer=2,n_head=2,n_positions=64,resid_pdrop=0.0,embd_pdrop=0.0,attn_pdrop=0.0"
 TINY_BERT = ("hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
@@ -39,25 +40,13 @@ COMMON = ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "tru
           "--seed", "0", "--dataloader_pin_memory", "false"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and much faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def text_files(tmp_path_factory):
     """Real English text: standard-library docstrings, ~40 KB train / 8 KB validation."""
-    from demo_corpus import stdlib_docstrings
-
-    folder = tmp_path_factory.mktemp("text")
-    text = stdlib_docstrings(max_chars=48_000)
-    (folder / "train.txt").write_text(text[:40_000])
-    (folder / "validation.txt").write_text(text[40_000:])
-    return folder / "train.txt", folder / "validation.txt"
+    return write_text_split(tmp_path_factory.mktemp("text"), 40000, 8000)
 
 
 def _clm_args(tmp_path, text_files, *extra, out="out"):

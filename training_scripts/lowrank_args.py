@@ -129,7 +129,9 @@ def _build_lowrank_arguments():
         arg_type = _argument_type(hints[f.name])
         owner = f.metadata.get("method")
         prefix = f"{method_class(owner).title}: " if owner else ""  # which method the knob belongs to
-        metadata = {"help": prefix + help_text + _FORM_HELP.get(arg_type, "")}
+        # a count-or-fraction of ranks (metadata unit "rank") is not a schedule: no "of the run" hint
+        form = "" if f.metadata.get("unit") == "rank" else _FORM_HELP.get(arg_type, "")
+        metadata = {"help": prefix + help_text + form}
         if f.default_factory is not dataclasses.MISSING:
             spec = dataclasses.field(default_factory=f.default_factory, metadata=metadata)
         else:

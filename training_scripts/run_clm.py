@@ -20,8 +20,10 @@ Additions to the HF script:
   175 KB validation, no download).
 - `--text_column_name`: the text column (default: `text`, else the first column, as in the HF script).
 - Inputs are checked before anything is trained or written (missing files, unknown columns, a block size
-  beyond the model's context, a Hub dataset while offline): one-line errors. The final model is moved into
-  `--output_dir` only after training succeeded.
+  beyond the model's context, a Hub dataset while offline, an invalid regex, a missing checkpoint): one-line
+  errors. The final model, in its smallest use form (`hf_lowrank.save_for_use`), replaces the earlier one in
+  `--output_dir` atomically and only after training succeeded; checkpoints keep the training form. `--hub_token`
+  is never written (it is kept out of `training_args.bin`).
 - `--push_to_hub` uploads with `hf_lowrank.hub.push_to_hub` (weights, tokenizer, and the low-rank model card).
 """
 

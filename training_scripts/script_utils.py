@@ -1,14 +1,18 @@
 """Shared plumbing of the training scripts: argument parsing with a built-in demo, input checks that fail with
 one clear line before anything is trained or written, data/model loading with readable errors, the low-rank
-model and trainer, the final save (model files land in `output_dir` only after training succeeded), the printed
-summary, the model card and the Hub push.
+model and trainer, the final save (the model's use form replaces the earlier one in `output_dir` atomically, only
+after training succeeded; checkpoints keep the training form), the printed summary, the model card and the Hub
+push.
 
 Errors a user can fix are raised as `SystemExit("error: ...")`: one line on stderr, exit status 1, no traceback.
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import hashlib
+import json
 import logging
 import math
 import os
@@ -23,7 +27,11 @@ import datasets
 import transformers
 from transformers import HfArgumentParser, Trainer
 
-from hf_lowrank import LowRankTrainer, get_lowrank_model, lowrank_summary
+from hf_lowrank import LowRankTrainer, get_lowrank_model, lowrank_summary, save_for_use
+from hf_lowrank.history import HISTORY_NAME
+from hf_lowrank.hub.loading import PROCESSOR_PATTERNS, check_weight_files
+from hf_lowrank.serialization import CheckpointError
+from hf_lowrank.targets import check_patterns
 from demo_corpus import train_tokenizer, write_stdlib_corpus
 
 from lowrank_args import METHOD_ARG, ignored_knobs, lowrank_config_from_args
@@ -33,9 +41,11 @@ logger = logging.getLogger("hf_lowrank.scripts")
 # Text used to train a tokenizer is capped (the first characters of the training split): BPE merges settle
 # long before, and a WikiText-103-sized dump would only cost time.
 TOKENIZER_TRAIN_CHARS = 50_000_000
-# Files written last when a model directory is filled, so that a directory with a config.json is complete.
-_MODEL_MARKERS = ("config.json",)
 _WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
+# Files of the earlier model in output_dir that the final save replaces as a whole (with the results describing
+# it); anything else there (checkpoints, logs, a README) is kept. `.incomplete-final-model`: an older staging.
+_MODEL_FILES = ("config.json", "generation_config.json", "training_args.bin", "trainer_state.json",
+                "*_results.json", HISTORY_NAME, ".incomplete-final-model", *PROCESSOR_PATTERNS)
 
 
 def fail(message: str) -> NoReturn:
@@ -140,7 +150,9 @@ def parse_arguments(dataclass_types, argv: Optional[list[str]], demo_args: Optio
     use_cpu_if_no_accelerator()
     parser = HfArgumentParser(dataclass_types)
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0])), False
+        parsed = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        with open(argv[0]) as f:
+            return inrank_mode_for_pretrained(parsed, set(json.load(f))), False
     demo = demo_args is not None and (not argv or "--demo" in argv)
     if demo:
         argv = [a for a in argv if a != "--demo"]
@@ -149,7 +161,30 @@ def parse_arguments(dataclass_types, argv: Optional[list[str]], demo_args: Optio
                   + "\n[hf_lowrank] (`--demo ARGS` runs it with ARGS changed; `--help` lists every argument)",
                   flush=True)
         argv = demo_args + argv
-    return parser.parse_args_into_dataclasses(args=argv), demo
+    given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    return inrank_mode_for_pretrained(parser.parse_args_into_dataclasses(args=argv), given), demo
+
+
+def inrank_mode_for_pretrained(parsed: tuple, given: set[str]) -> tuple:
+    """InRank starting from pretrained weights (`--model_name_or_path`) without `--inrank_mode`: "cumulative"
+    (`W = W0 + U Vᵀ`, `U = 0`), which starts exactly at the pretrained function; "efficient" would replace each
+    weight by a low-rank approximation of it. A checkpoint trained with InRank continues in its own mode.
+    `given`: the argument names the user passed. Returns `parsed`."""
+    lowrank = next((a for a in parsed if hasattr(a, METHOD_ARG)), None)
+    model = next((a for a in parsed if hasattr(a, "model_name_or_path")), None)
+    if (lowrank is None or model is None or getattr(lowrank, METHOD_ARG) != "inrank" or not model.model_name_or_path
+            or "inrank_mode" in given):
+        return parsed
+    from hf_lowrank.serialization import saved_structure
+
+    saved = {}
+    if os.path.isfile(os.path.join(model.model_name_or_path, "config.json")):
+        saved = saved_structure(model.model_name_or_path).get("lowrank_config") or {}
+    lowrank.inrank_mode = saved.get("inrank_mode", "cumulative") if saved.get("method") == "inrank" else "cumulative"
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[hf_lowrank] InRank from pretrained weights: --inrank_mode {lowrank.inrank_mode} (keeps the "
+              "pretrained function; pass --inrank_mode efficient to factorize the weights themselves)", flush=True)
+    return parsed
 
 
 def use_cpu_if_no_accelerator() -> None:
@@ -183,8 +218,31 @@ def setup_logging(training_args) -> None:
 
 
 def check_training_args(training_args) -> None:
+    """Something to do; with --do_train, an output directory the final save can swap atomically and a
+    --resume_from_checkpoint that is a checkpoint (checked before anything is created)."""
     if not (training_args.do_train or training_args.do_eval):
         fail("nothing to do: pass --do_train and/or --do_eval (as in the Hugging Face example scripts).")
+    if not training_args.do_train:
+        return
+    output_dir = os.path.realpath(training_args.output_dir)
+    if os.path.ismount(output_dir):
+        fail(f"--output_dir {training_args.output_dir!r} is a mount point: the final model is swapped in by renaming "
+             "the folder, which a mount point cannot be. Use a folder inside it.")
+    existing = os.path.dirname(output_dir)
+    while not os.path.isdir(existing):  # the nearest ancestor that exists is where folders get created
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"cannot write beside --output_dir {training_args.output_dir!r}: {existing!r} is not writable (the final "
+             "model is staged next to output_dir, then swapped in). Choose an output_dir in a writable folder.")
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is not None:
+        if not os.path.isdir(checkpoint):
+            problem = "is not a directory" if os.path.exists(checkpoint) else "does not exist"
+            fail(f"--resume_from_checkpoint {checkpoint!r} {problem}: pass a checkpoint-N folder written by an "
+                 "earlier run (inside its --output_dir).")
+        if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+            fail(f"--resume_from_checkpoint {checkpoint!r} is not a Trainer checkpoint (no trainer_state.json): pass a "
+                 "checkpoint-N folder written by an earlier run (inside its --output_dir).")
 
 
 def check_model_args(model_args, model_types: Iterable[str], no_model: str, what: str) -> None:
@@ -197,6 +255,11 @@ def check_model_args(model_args, model_types: Iterable[str], no_model: str, what
         fail(no_model)
     if model_args.model_type is not None and model_args.model_type not in model_types:
         fail(f"--model_type {model_args.model_type!r} {what}; choose one of {', '.join(model_types)}.")
+    if model_args.model_name_or_path and os.path.isdir(model_args.model_name_or_path):
+        try:  # a truncated download or copy: say so now, not after the data is loaded
+            check_weight_files(model_args.model_name_or_path)
+        except ValueError as error:
+            fail(f"--model_name_or_path {model_args.model_name_or_path!r}: {error}")
 
 
 def check_tokenizer_args(model_args, texts: str) -> None:
@@ -213,6 +276,8 @@ def check_lowrank_args(lowrank_args):
     """The `LowRankConfig` of the arguments (None for `--lowrank_method none`); invalid values fail here."""
     try:
         config = lowrank_config_from_args(lowrank_args)
+        if config is not None:
+            check_patterns(config)  # a bad regex now, not after the data and tokenizer are loaded
     except ValueError as error:
         fail(f"invalid low-rank argument: {error}")
     ignored = ignored_knobs(lowrank_args)
@@ -232,7 +297,11 @@ def check_local_files(**paths: Optional[str]) -> None:
 
 def check_push(training_args) -> Optional[dict]:
     """With --push_to_hub: check now (before training) that pushing can work, and take the push over from the
-    Trainer (whose own push would replace our model card). Returns the push settings or None."""
+    Trainer (whose own push would replace our model card). Returns the push settings or None.
+
+    `--hub_token` is taken out of `training_args` in any case (kept only in the push settings): the Trainer
+    pickles its arguments into `training_args.bin` beside the model and in every checkpoint."""
+    token, training_args.hub_token = training_args.hub_token, None
     if not training_args.push_to_hub:
         return None
     import hf_lowrank
@@ -247,7 +316,7 @@ def check_push(training_args) -> Optional[dict]:
         fail("--push_to_hub while the Hub is in offline mode (HF_HUB_OFFLINE=1): unset it (and be online), or "
              "drop --push_to_hub and push later with `hf-lowrank push OUTPUT_DIR REPO_ID`.")
     settings = {"repo_id": training_args.hub_model_id or os.path.basename(os.path.normpath(training_args.output_dir)),
-                "token": training_args.hub_token, "private": training_args.hub_private_repo,
+                "token": token, "private": training_args.hub_private_repo,
                 "revision": training_args.hub_revision, "push": push}
     training_args.push_to_hub = False
     return settings
@@ -450,27 +519,97 @@ def describe_schedule(lowrank_config, training_args, num_examples: int) -> None:
 
 
 def save_final_model(trainer, output_dir: str) -> None:
-    """Save the trained model (and tokenizer/processor) into `output_dir` without ever leaving a half-written
-    model there: everything is written to a staging folder first, then moved in, `config.json` last."""
-    staging = os.path.join(output_dir, ".incomplete-final-model")
-    main = trainer.args.should_save
-    if main:
-        shutil.rmtree(staging, ignore_errors=True)
+    """Save the trained model into `output_dir` in its smallest form for use (`hf_lowrank.save_for_use`; the
+    checkpoints keep the training form), with the tokenizer/processor, `lowrank_history.json` (low-rank runs) and
+    `training_args.bin` beside it.
+
+    Atomic: a kill at any moment leaves `output_dir` holding either the earlier model or the new one, complete.
+    The new model is written to a staging folder beside `output_dir` (same parent, so same file system);
+    everything else in `output_dir` (checkpoints, logs, a README) is hard-linked into it (no data is copied,
+    except where hard links are not supported), the files of the earlier model and the results describing it
+    are not (`_MODEL_FILES`); then one `renameat2(RENAME_EXCHANGE)` swaps the two folders and the old one is
+    deleted. A staging folder left by a kill is removed at the next save. Where the exchange does not exist (not
+    Linux), two renames are used: a kill between them leaves no `output_dir`, the earlier model complete in
+    `.NAME.hf_lowrank-old-*` and the new one in `.NAME.hf_lowrank-new`, both next to it.
+    """
+    target = os.path.realpath(output_dir)
+    parent, name = os.path.split(target)
+    staging = os.path.join(parent, f".{name}.hf_lowrank-new")
+    if trainer.args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)  # an earlier save killed midway
+        os.makedirs(staging)
+        _write_final_model(trainer, staging)
+        if os.path.isdir(target):
+            _carry_over(target, staging)
+            if _exchange(staging, target):
+                shutil.rmtree(staging)  # now the earlier folder; what was kept is linked into the new one
+            else:
+                old = tempfile.mkdtemp(prefix=f".{name}.hf_lowrank-old-", dir=parent)
+                os.rmdir(old)
+                os.rename(target, old)
+                os.rename(staging, target)
+                shutil.rmtree(old)
+        else:
+            os.rename(staging, target)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(staging)
-    if main:
-        names = os.listdir(staging)
-        # The old model (from an earlier run) stops being a model first, then its weights go.
-        for marker in _MODEL_MARKERS:
-            if os.path.isfile(os.path.join(output_dir, marker)):
-                os.remove(os.path.join(output_dir, marker))
-        for name in os.listdir(output_dir):
-            if name.startswith(_WEIGHT_PREFIXES) and name not in names:
-                os.remove(os.path.join(output_dir, name))
-        for name in sorted(names, key=lambda n: n in _MODEL_MARKERS):
-            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-        os.rmdir(staging)
-    trainer.accelerator.wait_for_everyone()
+
+
+def _write_final_model(trainer, directory: str) -> None:
+    """The files of the final model: use form, processing class, rank history, training arguments."""
+    import torch
+    from transformers.trainer import TRAINING_ARGS_NAME
+
+    save_for_use(trainer.model, directory)
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(directory)
+    if isinstance(trainer, LowRankTrainer):
+        trainer.lowrank.save_history(directory)
+    torch.save(trainer.args, os.path.join(directory, TRAINING_ARGS_NAME))  # as Trainer.save_model; no token in it
+
+
+def _is_model_file(name: str) -> bool:
+    return name.startswith(_WEIGHT_PREFIXES) or any(fnmatch.fnmatch(name, pattern) for pattern in _MODEL_FILES)
+
+
+def _carry_over(source: str, target: str) -> None:
+    """Hard-link into `target` what `source` holds besides a model (see `_MODEL_FILES`) and `target` does not
+    have: checkpoints, logs, a README. Symlinks are recreated as symlinks, never followed."""
+    for name in os.listdir(source):
+        src, dst = os.path.join(source, name), os.path.join(target, name)
+        if _is_model_file(name) or os.path.lexists(dst):
+            continue
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        elif os.path.isdir(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:  # a file system without hard links (or a mount inside output_dir): copy this file
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _exchange(first: str, second: str) -> bool:
+    """Swap two paths atomically (Linux `renameat2(..., RENAME_EXCHANGE)`); False where not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # a C library without it
+        return False
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # an old kernel, or a file system without it
+        return False
+    raise OSError(code, os.strerror(code), first, None, second)
 
 
 def write_model_card(model, output_dir: str, trainer, **card_kwargs) -> Optional[str]:
@@ -569,8 +708,8 @@ def print_summary(model, lowrank_config, metrics: dict, output_dir: str, trainin
     history = getattr(getattr(trainer, "lowrank", None), "history", None) or []
     changes = [h for h in history if h.get("event") not in (None, "start")]
     if changes:
-        def frac(h):
-            full = sum(l.max_rank for l in summary.layers.values()) or 1
+        def frac(h):  # over the layers factorized at that step, as the training log's lowrank/rank_fraction
+            full = sum(summary.layers[n].max_rank for n in h["ranks"] if n in summary.layers) or 1
             return sum(h["ranks"].values()) / full
 
         lines.append("rank changes: " + ", ".join(f"step {h['step']} {h['event']} → {frac(h):.0%}" for h in changes))
@@ -623,7 +762,10 @@ def train_evaluate_report(trainer, model, lowrank_config, training_args, train_d
     if training_args.do_train:
         describe_schedule(lowrank_config, training_args, len(train_dataset))
         with Timer() as timer:
-            train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+            try:
+                train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+            except CheckpointError as error:  # raised before the first step: incomplete, another architecture
+                fail(f"cannot resume from --resume_from_checkpoint {training_args.resume_from_checkpoint!r}: {error}")
         train_seconds = timer.seconds
         save_final_model(trainer, output_dir)  # the tokenizer / image processor too
         metrics = dict(train_result.metrics)

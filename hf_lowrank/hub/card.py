@@ -22,7 +22,7 @@ from ..diagnostics.plots import RANK_PLOT_NAME, SPECTRA_PLOT_NAME, STABILITY_PLO
 from ..history import HISTORY_NAME, load_rank_history
 from ..layers import LowRankLinear
 from ..registry import method_class, method_names
-from ..summary import lowrank_summary
+from ..summary import format_error, lowrank_summary
 from ..version import __version__
 from .loading import load_pretrained_dir, model_task
 
@@ -125,10 +125,17 @@ def _layer_rows(summary) -> tuple[list[dict], dict]:
     return rows, totals
 
 
+def _error_rows(summary) -> list[dict]:
+    """Layers whose factorization from their starting weights was not exact, worst first."""
+    inexact = [(name, l.approximation_error) for name, l in summary.layers.items() if l.approximation_error is not None]
+    return [{"name": name, "error": format_error(error)} for name, error in sorted(inexact, key=lambda x: -x[1])]
+
+
 def _history_caption(history: dict, summary) -> str:
     records = sorted(history["history"], key=lambda r: r["step"])
-    return (f"Ranks recorded at {len(records)} points between optimizer steps {records[0]['step']} and "
-            f"{records[-1]['step']} (from `{HISTORY_NAME}`). Final total rank: {summary.rank_fraction:.1%} of "
+    when = (f"at optimizer step {records[0]['step']} only (no rank change during training)" if len(records) == 1 else
+            f"at {len(records)} points between optimizer steps {records[0]['step']} and {records[-1]['step']}")
+    return (f"Ranks recorded {when} (from `{HISTORY_NAME}`). Final total rank: {summary.rank_fraction:.1%} of "
             "full rank.")
 
 
@@ -238,6 +245,9 @@ def make_model_card(
         lowrank_meta = {"method": method, "factorized_layers": len(summary.layers), "params": summary.params,
                         "dense_params": summary.dense_params, "compression": round(summary.compression, 6),
                         "rank_fraction": round(summary.rank_fraction, 6), "version": __version__}
+        errors = [l.approximation_error for l in summary.layers.values() if l.approximation_error is not None]
+        if errors:
+            lowrank_meta["max_approximation_error"] = round(max(errors), 6)
     card_data = ModelCardData(
         library_name="hf_lowrank" if factorized else "transformers", tags=card_tags, base_model=base_model,
         datasets=datasets or None, license=license, language=language, pipeline_tag=pipeline_tag,
@@ -265,6 +275,7 @@ def make_model_card(
         layers=layers,
         totals=totals,
         dense_layers=[{"name": n, "reason": r} for n, r in summary.dense_layers.items()],
+        errors=_error_rows(summary),
         plots=_plots(summary, history, output_dir),
         results=[{"name": k, "value": _format_metric(v)} for k, v in results.items()],
         version=__version__,

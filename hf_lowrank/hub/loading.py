@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 import shutil
+import stat
 from typing import Optional, Union
 
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 # Tokenizer / processor files that sit beside a saved model (save_pretrained of the processing class).
 PROCESSOR_PATTERNS = (
@@ -51,7 +55,7 @@ def load_pretrained_dir(path: Union[str, os.PathLike], **kwargs) -> nn.Module:
                              "model.save_pretrained or trainer.save_model wrote).")
     try:
         config = AutoConfig.from_pretrained(path)
-    except Exception as err:  # a config.json of something else (tokenizer, dataset, ...)
+    except (OSError, ValueError, KeyError, TypeError) as err:  # a config.json of something else (a tokenizer's...)
         raise NotAModelError(f"{path!r} is not a saved model: its config.json cannot be read as a model "
                              f"configuration ({err}).") from None
     architecture = (getattr(config, "architectures", None) or [None])[0]
@@ -64,7 +68,17 @@ def load_pretrained_dir(path: Union[str, os.PathLike], **kwargs) -> nn.Module:
                              "(custom code models are not supported).")
     if not any(name.endswith((".safetensors", ".bin")) for name in os.listdir(path)):
         raise NotAModelError(f"{path!r} has a config.json but no weights file (*.safetensors).")
+    check_weight_files(path)
     return model_class.from_pretrained(path, **kwargs)
+
+
+def check_weight_files(path: Union[str, os.PathLike]) -> None:
+    """Raise a `ValueError` naming the file when a `*.safetensors` file in directory `path` is truncated or
+    corrupt (reads only the headers). A dense model would otherwise fail with a bare `SafetensorError`."""
+    from ..serialization import weight_file_shapes
+
+    path = str(path)
+    weight_file_shapes(sorted(os.path.join(path, name) for name in os.listdir(path) if name.endswith(".safetensors")))
 
 
 def model_task(model_or_arch: Union[nn.Module, str]) -> tuple[str, Optional[str]]:
@@ -78,12 +92,29 @@ def model_task(model_or_arch: Union[nn.Module, str]) -> tuple[str, Optional[str]
     return "AutoModel", None
 
 
+def is_regular_file(path: Union[str, os.PathLike]) -> bool:
+    """A regular file itself, not a symlink (which could point anywhere, e.g. to `~/.ssh/id_rsa`) nor a device."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def copy_processor_files(source: Union[str, os.PathLike], target: Union[str, os.PathLike]) -> list[str]:
-    """Copy the tokenizer / processor files found in `source` into `target`; returns the copied names."""
+    """Copy the tokenizer / processor files found in `source` into `target`; returns the copied names.
+
+    Only regular files directly inside `source` are copied; symlinks are skipped with a warning, never followed,
+    so a link to a file elsewhere (say `~/.ssh/id_rsa`) is not uploaded or exported with the model.
+    """
     copied = []
     for name in sorted(os.listdir(source)):
         path = os.path.join(source, name)
-        if os.path.isfile(path) and any(fnmatch.fnmatch(name, p) for p in PROCESSOR_PATTERNS):
-            shutil.copy2(path, os.path.join(target, name))
+        if not any(fnmatch.fnmatch(name, p) for p in PROCESSOR_PATTERNS):
+            continue
+        if is_regular_file(path):
+            shutil.copy2(path, os.path.join(target, name), follow_symlinks=False)
             copied.append(name)
+        elif os.path.islink(path):
+            logger.warning("Not copying %s: it is a symlink (to %s), and links are never followed. Put the file "
+                           "itself there to include it.", path, os.readlink(path))
     return copied

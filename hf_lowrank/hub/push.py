@@ -21,7 +21,7 @@ from torch import nn
 from ..history import HISTORY_NAME, load_rank_history
 from ..serialization import to_use_form
 from .card import CARD_NAME, DIAGNOSTIC_PLOTS, make_model_card
-from .loading import copy_processor_files, load_pretrained_dir
+from .loading import copy_processor_files, is_regular_file, load_pretrained_dir
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +54,16 @@ def push_to_hub(
 ):
     """Upload a low-rank model to the Hub with its model card, in one commit.
 
-    The weights and config in their smallest form (`to_use_form` of a copy), the tokenizer or processor, `lowrank_history.json` when known,
-    the card (`README.md`, see `make_model_card`) and its plots are staged in a temporary folder, then
-    `api.create_repo(repo_id, exist_ok=True)` and `api.upload_folder(...)`. Unlike `model.push_to_hub`, no
-    generic card replaces ours.
+    `api.create_repo(repo_id, exist_ok=True)` first (a bare name lands in the token owner's namespace, and the
+    card names the full id); then the weights and config in their smallest form (`to_use_form` of a copy), the
+    tokenizer or processor, `lowrank_history.json` when known, the card (`README.md`, see `make_model_card`) and
+    its plots are staged in a temporary folder and sent with one `api.upload_folder(...)`. Unlike
+    `model.push_to_hub`, no generic card replaces ours.
 
     Args:
         model: the model, or a directory it was saved in (then its processor files, rank history, results
             and diagnostics plots are taken from there too).
-        repo_id: `"user/name"`.
+        repo_id: `"user/name"` (or a bare `"name"`, in the token owner's namespace).
         processing_class: a tokenizer / processor (saved with its `save_pretrained`), or a directory whose
             tokenizer / processor files are copied.
         token: Hub token (default: the logged-in one). Used only for the two API calls; never logged or
@@ -85,6 +86,12 @@ def push_to_hub(
         card_kwargs.setdefault("source_dir", directory)
     api = api if api is not None else HfApi()
     source_dir = card_kwargs.get("source_dir")
+    try:
+        url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+    except OfflineModeIsEnabled as err:
+        raise OfflineModeIsEnabled(OFFLINE_MESSAGE) from err
+    if "/" not in repo_id and isinstance(getattr(url, "repo_id", None), str):
+        repo_id = url.repo_id  # "name" -> "owner/name": uploads and the card's loading snippet need the full id
     with tempfile.TemporaryDirectory(prefix="hf_lowrank_push_") as staging:
         # What is published is the smallest form (Σ folded into the bases), and the card describes that form.
         model = to_use_form(copy.deepcopy(model))
@@ -93,19 +100,21 @@ def push_to_hub(
             copy_processor_files(processing_class, staging)
         elif processing_class is not None:
             processing_class.save_pretrained(staging)
-        history = load_rank_history(card_kwargs.pop("history", None) or source_dir)
+        history = card_kwargs.pop("history", None)
+        if history is None and source_dir is not None and is_regular_file(os.path.join(source_dir, HISTORY_NAME)):
+            history = source_dir  # a symlinked history could point anywhere: only a regular file is read
+        history = load_rank_history(history)
         if history is not None:
             with open(os.path.join(staging, HISTORY_NAME), "w") as f:
                 json.dump(history, f)
         if source_dir is not None:
             for name, _, _ in DIAGNOSTIC_PLOTS:
-                if os.path.isfile(os.path.join(source_dir, name)):
+                if is_regular_file(os.path.join(source_dir, name)):  # never follow a symlink out of the folder
                     shutil.copy2(os.path.join(source_dir, name), staging)
         card = make_model_card(model, output_dir=staging, repo_id=repo_id, history=history, **card_kwargs)
         card.save(os.path.join(staging, CARD_NAME))
         staged = sorted(os.listdir(staging))
         try:
-            api.create_repo(repo_id, token=token, private=private, exist_ok=True)
             info = api.upload_folder(repo_id=repo_id, folder_path=staging, token=token, revision=revision,
                                      create_pr=create_pr,
                                      commit_message=commit_message or "Upload low-rank model (hf_lowrank)")

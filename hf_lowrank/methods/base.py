@@ -79,7 +79,9 @@ class Method:
         initial_changes: in `get_lowrank_model`, before training.
         begin: once when training starts.
         is_due: after every optimizer step (identical on every process).
-        decide: when due, on one process; returns `LayerChange`s.
+        decide: when due; returns `LayerChange`s. A method with `spreads_decisions = True` runs it on every
+            process and computes only the layers `self.decides(name)` accepts (the process's share); otherwise
+            it runs on process 0 for every layer.
         commit: on every process, after the changes were applied.
         state_dict / load_state_dict, tensor_state / load_tensor_state: checkpoints (JSON and tensors).
     """
@@ -88,6 +90,10 @@ class Method:
     title = "base"  # a short display name, e.g. "OIALR"
     card_description = ""  # one paragraph for model cards (Markdown)
     options_class: Optional[type] = None  # a dataclass of the method's own options (third-party methods)
+    # True when `decide` reads and decides only the layers `decides(name)` accepts, so the processes can share
+    # the work (a decision that looks at several layers still sees the full target list).
+    spreads_decisions = False
+    share: Optional[frozenset] = None  # this process's layers while `decide` runs; None: every layer
 
     def __init__(self, config: LowRankConfig):
         self.config = config
@@ -109,6 +115,10 @@ class Method:
         cls.options_class(**options)  # the options dataclass's own checks (__post_init__)
 
     # --- shared helpers ------------------------------------------------------------------------------
+    def decides(self, name: str) -> bool:
+        """Whether this process computes layer `name`'s decision (see `spreads_decisions`)."""
+        return self.share is None or name in self.share
+
     def starting_rank(self, name: str, module: nn.Module, default) -> int:
         """`rank_pattern` override for this layer, else `default` (an int rank or a float fraction)."""
         spec = pattern_lookup(self.config.rank_pattern, name)
@@ -147,7 +157,7 @@ class Method:
         return False
 
     def decide(self, model: nn.Module, targets: list[str], step: int, total_steps: Optional[int]) -> list[LayerChange]:
-        """The changes due at `step` (runs on process 0 only)."""
+        """The changes due at `step`, for the layers `self.decides(name)` accepts."""
         return []
 
     def commit(self, changes: list[LayerChange], step: int) -> None:

@@ -14,12 +14,14 @@ Modes: `"efficient"` (the weight itself is `U Vᵀ`, trained from scratch; `W_0`
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Optional
 
 import torch
 
 from ..layers import LowRankLinear, break_even_rank, dense_weight_of
 from ..linalg import energy_rank, factors_from_svd, product_spectrum, svd_f32
+from ..targets import layer_max_rank
 from .base import LayerChange, Method, register_method, resolve_steps
 
 
@@ -31,13 +33,15 @@ def grow_components(layer: LowRankLinear, extra: int, generator: Optional[torch.
     """`U`, `V` with `extra` new components that leave `U Vᵀ` unchanged: zero columns in `U`, random ones in
     `V` (scale 1/√in, like LoRA's `A`), so the new components start learning at once."""
     U, V = layer.U.detach().float(), layer.V.detach().float()
-    new_v = torch.randn(V.shape[0], extra, generator=generator, device=V.device) / math.sqrt(V.shape[0])
+    # drawn on the CPU (where the generator lives), then moved: works whatever device the layer is on
+    new_v = torch.randn(V.shape[0], extra, generator=generator).to(V.device) / math.sqrt(V.shape[0])
     return torch.cat([U, U.new_zeros(U.shape[0], extra)], 1), torch.cat([V, new_v], 1)
 
 
 @register_method
 class InRankMethod(Method):
     name = "inrank"
+    spreads_decisions = True
     title = "InRank"
     card_description = (
         "**InRank** (incremental low-rank learning, Zhao et al., arXiv:2306.11250): each layer (or its cumulative "
@@ -76,6 +80,11 @@ class InRankMethod(Method):
         return step >= warmup and (step - warmup) % every == 0
 
     # --- structure -----------------------------------------------------------------------------------
+    def _buffer(self, module) -> int:
+        """Buffer components of a layer: `buffer_rank` as a count, or as a fraction of its full rank."""
+        buffer = self.config.buffer_rank
+        return max(1, round(buffer * layer_max_rank(module))) if isinstance(buffer, float) else buffer
+
     def _cap(self, module) -> int:
         """Components a layer may hold: `max_rank_fraction` of full rank, and below break-even."""
         n_in, n_out = module.in_features, module.out_features
@@ -86,12 +95,13 @@ class InRankMethod(Method):
         for name in targets:
             module = model.get_submodule(name)
             rank = self.starting_rank(name, module, self.config.init_rank)
-            held = rank + self.config.buffer_rank
+            buffer = self._buffer(module)
+            held = rank + buffer
             full = min(dense_weight_of(module).shape)
             cap = max(1, int(self.config.max_rank_fraction * full))
             if held > cap:
                 raise ValueError(
-                    f"InRank: init_rank + buffer_rank = {rank} + {self.config.buffer_rank} = {held} for {name!r}, "
+                    f"InRank: init_rank + buffer_rank = {rank} + {buffer} = {held} for {name!r}, "
                     f"above {'its full rank ' + str(full) if held > full else f'max_rank_fraction × full rank = {cap}'}."
                     " Lower buffer_rank/init_rank (the paper's 2 + 100 suits GPT-2-small widths) or target "
                     "wider layers.")
@@ -129,7 +139,8 @@ class InRankMethod(Method):
     def begin(self, model, targets):
         targets = [n for n in targets if isinstance(model.get_submodule(n), LowRankLinear)]
         for name in targets:  # a fresh controller (or a reloaded model) learns the ranks from the layers
-            self.ranks.setdefault(name, max(1, model.get_submodule(name).rank - self.config.buffer_rank))
+            layer = model.get_submodule(name)
+            self.ranks.setdefault(name, max(1, layer.rank - self._buffer(layer)))
         if self.config.inrank_mode == "efficient" and not self.start and not self.frozen:
             for name in targets:
                 layer = model.get_submodule(name)
@@ -148,19 +159,23 @@ class InRankMethod(Method):
     def decide(self, model, targets, step, total_steps):
         _, _, freeze = self._steps(total_steps)
         if freeze is not None and step >= freeze:
-            return [c for name in self.ranks if (c := self._freeze(name, model.get_submodule(name)))]
+            return [c for name in self.ranks
+                    if self.decides(name) and (c := self._freeze(name, model.get_submodule(name)))]
         changes = []
-        generator = torch.Generator().manual_seed(step)
         for name in self.ranks:
+            if not self.decides(name):
+                continue
             layer = model.get_submodule(name)
             spectrum = self.cumulative_spectrum(name, layer)
             if spectrum is None or spectrum.norm() <= UNCHANGED * _weight_norm(layer):
                 continue  # nothing learned yet (only rounding noise), or a failed SVD (already warned)
             rank = self.ranks[name]
             needed = energy_rank(spectrum, self.config.explained_ratio)
-            new_rank = min(max(rank, needed), self._cap(layer) - self.config.buffer_rank)
+            new_rank = min(max(rank, needed), self._cap(layer) - self._buffer(layer))
             if new_rank <= rank:
                 continue
+            # one generator per layer and step: the same numbers whichever process decides the layer
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{step}:{name}".encode()))
             U, V = grow_components(layer, new_rank - rank, generator)
             keep = torch.eye(layer.rank, U.shape[1])  # old components keep their state; new ones start at zero
             changes.append(LayerChange(name, U, None, V, trainable=("U", "V"), left=keep, right=keep,

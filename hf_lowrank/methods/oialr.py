@@ -31,6 +31,7 @@ def oialr_rank(s: torch.Tensor, rank: int, cutoff: float, max_cut_fraction: floa
 class OIALRMethod(Method):
     name = "oialr"
     title = "OIALR"
+    spreads_decisions = True
     card_description = (
         "**OIALR** (orthogonality-informed adaptive low-rank training, Coquelin et al., arXiv:2401.08505): the layers "
         "train at full rank for a warm-up, are then converted to `U Σ Vᵀ` with frozen orthogonal bases `U`, `V` and a "
@@ -84,10 +85,12 @@ class OIALRMethod(Method):
         # Layers still dense (the conversion step, or an earlier conversion skipped on a failed SVD) convert
         # now, cut by the same rule; converted layers get their basis update.
         factored = [n for n in names if _has_sigma(model.get_submodule(n))]
-        changes = self._convert(model, [n for n in names if not isinstance(model.get_submodule(n), LowRankLinear)])
+        changes = self._convert(model, [n for n in names if self.decides(n)
+                                        and not isinstance(model.get_submodule(n), LowRankLinear)])
         update_index = (step - self._delay(total_steps)) // self._every(total_steps)
-        rolled_out = self._rolled_out(names, update_index)
-        changes += [c for n in factored if n in rolled_out and (c := self._rotate_and_cut(n, model.get_submodule(n)))]
+        rolled_out = self._rolled_out(names, update_index)  # from the full list: it picks layers by position
+        changes += [c for n in factored if n in rolled_out and self.decides(n)
+                    and (c := self._rotate_and_cut(n, model.get_submodule(n)))]
         return changes
 
     def _rolled_out(self, names: list[str], update_index: int) -> list[str]:
