@@ -50,7 +50,9 @@ class LowRankConfig:
 
     Every schedule knob counts **optimizer steps** (not forward calls or micro-batches). A knob given as a
     float in (0, 1) is a fraction of the run's total optimizer steps (the Trainer knows them; a raw loop
-    passes `num_training_steps` to `LowRankController`).
+    passes its dataloader and epochs, or `num_training_steps`, to `LowRankController`). The defaults are such
+    fractions, chosen by the measured sweep in the README, so that a run of any length compresses; whole numbers
+    give absolute step counts.
     """
 
     method: str = field(
@@ -87,13 +89,16 @@ class LowRankConfig:
     )
     # OIALR
     delay_steps: Union[int, float] = field(
-        default=1000, metadata={"method": "oialr", "help": "Full-rank optimizer steps before conversion to U Σ Vᵀ."}
+        default=0.75, metadata={"method": "oialr", "help": "Full-rank optimizer steps before conversion to U Σ Vᵀ "
+                                          "(default: 75% of the run; the paper's code uses 1000 steps)."}
     )
     update_every: Union[int, float] = field(
-        default=100, metadata={"method": "oialr", "help": "Optimizer steps between basis updates (rotate + cut)."}
+        default=0.05, metadata={"method": "oialr", "help": "Optimizer steps between basis updates (rotate + cut) "
+                                          "(default: 5% of the run)."}
     )
     sigma_cutoff: float = field(
-        default=0.1, metadata={"method": "oialr", "help": "Keep singular values ≥ this fraction of the layer's largest."}
+        default=0.3, metadata={"method": "oialr", "help": "Keep singular values ≥ this fraction of the layer's largest "
+                                         "(the paper's code: 0.1–0.2)."}
     )
     max_cut_fraction: float = field(
         default=0.5, metadata={"method": "oialr", "help": "At most this fraction of a layer's rank is cut in one update."}
@@ -123,24 +128,27 @@ class LowRankConfig:
     )
     init_rank: int = field(default=2, metadata={"method": "inrank", "help": "Starting rank r."})
     buffer_rank: Union[int, float] = field(
-        default=100,
+        default=0.125,
         metadata={"method": "inrank", "help": "Extra components b trained beside the rank until freeze_step: a count, or "
                   "a float in (0, 1) as a fraction of each layer's full rank (the paper's 100 is 0.13 of GPT-2 small's "
                   "768).", "unit": "rank"},
     )
     explained_ratio: float = field(
-        default=0.9,
+        default=0.99,
         metadata={"method": "inrank", "help": "τ, the fraction of the cumulative update's energy the rank must explain."},
     )
     rank_warmup_steps: Union[int, float] = field(
-        default=25, metadata={"method": "inrank", "help": "Optimizer steps before the first rank check."}
+        default=0.05, metadata={"method": "inrank", "help": "Optimizer steps before the first rank check (default: 5% "
+                                          "of the run)."}
     )
     check_every: Union[int, float] = field(
-        default=3, metadata={"method": "inrank", "help": "Optimizer steps between rank checks."}
+        default=0.05, metadata={"method": "inrank", "help": "Optimizer steps between rank checks (default: 5% of the "
+                                          "run)."}
     )
     freeze_step: Optional[Union[int, float]] = field(
-        default=130,
-        metadata={"method": "inrank", "help": "At this step the rank is fixed and the buffer dropped (None: never)."},
+        default=0.5,
+        metadata={"method": "inrank", "help": "At this step the rank is fixed and the buffer dropped (default: half-way "
+                  "through the run; None: never)."},
     )
     max_rank_fraction: float = field(
         default=0.5, metadata={"method": "inrank", "help": "Rank + buffer never exceeds this fraction of full rank."}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from hf_lowrank import LowRankConfig, LowRankController, LowRankTrainer, get_lowrank_model, lowrank_summary
+from hf_lowrank import LowRankConfig, LowRankLinear, LowRankController, LowRankTrainer, get_lowrank_model, lowrank_summary
 from hf_lowrank.methods.svd import energy_rank
 
 from conftest import tiny_gpt2
@@ -110,4 +110,10 @@ def test_cumulative_mode_starts_at_the_pretrained_function_and_round_trips(tmp_p
 
 def test_buffer_larger_than_the_layer_is_rejected():
     with pytest.raises(ValueError, match="init_rank \\+ buffer_rank"):
-        get_lowrank_model(tiny_gpt2(), LowRankConfig(method="inrank"))  # 2 + 100 > 32
+        get_lowrank_model(tiny_gpt2(), LowRankConfig(method="inrank", buffer_rank=100))  # 2 + 100 > 32
+
+
+def test_default_buffer_is_a_fraction_of_each_layer():
+    """The default buffer (1/8 of full rank) fits any width: 4 components on 32-wide layers, 96 on GPT-2 small's."""
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(method="inrank"))
+    assert {m.rank for m in model.modules() if isinstance(m, LowRankLinear)} == {2 + 4}

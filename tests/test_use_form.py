@@ -30,7 +30,7 @@ def _trained(config):
     """A tiny GPT-2 after a few optimizer steps under `config` (OIALR's Σ drifts off-diagonal)."""
     model = get_lowrank_model(tiny_gpt2(), config)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    controller = LowRankController(model, optimizer=opt)
+    controller = LowRankController(model, optimizer=opt, num_training_steps=4)
     for step in range(4):
         model(input_ids=_ids(step), labels=_ids(step)).loss.backward()
         opt.step()

@@ -64,17 +64,15 @@ MODEL_TYPES = tuple(conf.model_type for conf in MODEL_FOR_CAUSAL_LM_MAPPING.keys
 EXTENSIONS = ("txt", "csv", "json", "jsonl")
 
 # `python run_clm.py` with no arguments (or `--demo ...`): pretrain a small GPT-2 with OIALR on the stdlib
-# docstrings, offline, in a few minutes on 2 CPU cores. The OIALR schedule is given as fractions of the run: dense
-# for the first 65% of the optimizer steps (a short run is still learning fast; converting earlier costs
-# perplexity), then a basis update (rotate + cut singular values below 0.2 of the largest) every 7%.
-# Measured: 30% of the factorized layers' parameters left, eval perplexity within 3% of the same run dense
-# (`--demo --lowrank_method none`).
+# docstrings, offline, in a few minutes on 2 CPU cores, with the library's default schedule (fractions of the
+# run: dense for the first 75% of the optimizer steps, then a basis update every 5% cutting singular values below
+# 0.3 of the largest). Compare with the same run dense: `--demo --lowrank_method none`.
 DEMO_ARGS = [
     "--model_type", "gpt2",
     "--config_overrides", "n_embd=192,n_layer=4,n_head=4,n_positions=128,resid_pdrop=0.0,embd_pdrop=0.0,attn_pdrop=0.0",
     "--train_tokenizer_vocab_size", "4096",
     "--block_size", "128",
-    "--lowrank_method", "oialr", "--delay_steps", "0.65", "--update_every", "0.07", "--sigma_cutoff", "0.2",
+    "--lowrank_method", "oialr",
     "--output_dir", "outputs/gpt2-oialr-stdlib",
     "--do_train", "--do_eval",
     "--num_train_epochs", "2", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
