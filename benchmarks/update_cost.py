@@ -257,7 +257,7 @@ def projection(records: dict, args) -> None:
   step time: 6 · parameters · {args.tokens_per_step:.2g} tokens FLOPs; A: {processes} processes like these
     ({gflops:.1f} GFLOP/s measured fp32 matmul per process, {args.mfu:.0%} of it in training); B: {processes} GPUs at
     {args.gpu_tflops:g} TFLOP/s each, with the update's compute still at the CPU speed measured here (an upper bound).
-  Timings were taken on a shared 2-core machine under contention; widths above {base} are extrapolated.
+  Timings are from this machine (run it alone: other jobs inflate them); widths above {base} are extrapolated.
 """)
     print(f"{'model':<7} {'width':>5} {'blocks':>6} {'params':>7} {'update':<17} {'compute s':>9} {'comm A s':>8} "
           f"{'comm B s':>8} {'per run':>7} {'share A':>8} {'share B':>8}")

@@ -56,8 +56,9 @@ from script_utils import (  # noqa: E402
     BaseDataArguments, BaseTextModelArguments, check_column, check_local_files, check_lowrank_args,
     check_model_args, check_push, check_tokenizer_args, check_training_args, column_texts, config_with_overrides,
     fail, from_pretrained, hf_lowrank_cache, hub_kwargs, load_hub_dataset, load_local_dataset, model_card_kwargs,
-    model_type_field, overridden_keys, parse_arguments, prepare_lowrank_model, say, setup_logging, stdlib_corpus,
-    take_samples, train_evaluate_report, trained_tokenizer, trainer_class,
+    model_type_field, overridden_keys, parse_arguments, prepare_lowrank_model, print_summary, publish_model,
+    run_training, save_final_model, say, setup_logging, stdlib_corpus, take_samples, trained_tokenizer,
+    trainer_class,
 )
 
 MODEL_TYPES = tuple(conf.model_type for conf in MODEL_FOR_CAUSAL_LM_MAPPING.keys())
@@ -360,18 +361,40 @@ def main(argv: Optional[list[str]] = None) -> dict:
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
     )
 
-    def add_perplexity(metrics):
+    card_kwargs = model_card_kwargs(model_args, data_args, training_args, "run_clm.py",
+                                    (data_args.train_file, data_args.validation_file),
+                                    stdlib=data_args.use_stdlib_corpus)
+    # Training
+    results, train_seconds = {}, None
+    if training_args.do_train:
+        train_result, train_seconds = run_training(trainer, lowrank_config, training_args, len(train_dataset))
+        save_final_model(trainer, training_args.output_dir)  # the smallest form, atomically, with the processor
+        metrics = train_result.metrics
+        metrics["train_samples"] = len(train_dataset)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        results.update(metrics)
+
+    # Evaluation
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        metrics["eval_samples"] = len(eval_dataset)
         try:
             metrics["perplexity"] = math.exp(metrics["eval_loss"])
         except OverflowError:
             metrics["perplexity"] = float("inf")
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
 
-    card_kwargs = model_card_kwargs(model_args, data_args, training_args, "run_clm.py",
-                                    (data_args.train_file, data_args.validation_file),
-                                    stdlib=data_args.use_stdlib_corpus)
-    return train_evaluate_report(trainer, model, lowrank_config, training_args, train_dataset, eval_dataset,
-                                 "AutoModelForCausalLM", push=push, card_kwargs=card_kwargs,
-                                 add_eval_metrics=add_perplexity)
+    # What was compressed and what it cost; the model card; the Hub
+    summary = print_summary(model, lowrank_config, results, training_args.output_dir, training_args,
+                            "AutoModelForCausalLM", train_seconds=train_seconds, trainer=trainer,
+                            saved_model=training_args.do_train)
+    if training_args.do_train:
+        publish_model(model, trainer, training_args, push, card_kwargs)
+    return {"metrics": results, "summary": summary, "output_dir": training_args.output_dir, "trainer": trainer}
 
 
 def _mp_fn(index):  # for xla_spawn (TPUs), as in the HF examples

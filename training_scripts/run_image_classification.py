@@ -48,8 +48,8 @@ from lowrank_args import LowRankArguments  # noqa: E402
 from script_utils import (  # noqa: E402
     BaseDataArguments, BaseModelArguments, check_column, check_lowrank_args, check_model_args, check_push,
     check_training_args, config_with_overrides, fail, from_pretrained, hub_kwargs, load_hub_dataset,
-    load_local_dataset, model_card_kwargs, model_type_field, parse_arguments, prepare_lowrank_model, say,
-    setup_logging, take_samples, train_evaluate_report, trainer_class,
+    load_local_dataset, model_card_kwargs, model_type_field, parse_arguments, prepare_lowrank_model, print_summary,
+    publish_model, run_training, save_final_model, say, setup_logging, take_samples, trainer_class,
 )
 
 MODEL_TYPES = tuple(conf.model_type for conf in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING.keys())
@@ -234,8 +234,33 @@ def main(argv: Optional[list[str]] = None) -> dict:
     )
     card_kwargs = model_card_kwargs(model_args, data_args, training_args, "run_image_classification.py",
                                     (data_args.train_dir, data_args.validation_dir))
-    return train_evaluate_report(trainer, model, lowrank_config, training_args, train_dataset, eval_dataset,
-                                 "AutoModelForImageClassification", push=push, card_kwargs=card_kwargs)
+    # Training
+    results, train_seconds = {}, None
+    if training_args.do_train:
+        train_result, train_seconds = run_training(trainer, lowrank_config, training_args, len(train_dataset))
+        save_final_model(trainer, training_args.output_dir)  # the smallest form, atomically, with the processor
+        metrics = train_result.metrics
+        metrics["train_samples"] = len(train_dataset)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        results.update(metrics)
+
+    # Evaluation
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        metrics["eval_samples"] = len(eval_dataset)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
+
+    # What was compressed and what it cost; the model card; the Hub
+    summary = print_summary(model, lowrank_config, results, training_args.output_dir, training_args,
+                            "AutoModelForImageClassification", train_seconds=train_seconds, trainer=trainer,
+                            saved_model=training_args.do_train)
+    if training_args.do_train:
+        publish_model(model, trainer, training_args, push, card_kwargs)
+    return {"metrics": results, "summary": summary, "output_dir": training_args.output_dir, "trainer": trainer}
 
 
 if __name__ == "__main__":

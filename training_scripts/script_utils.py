@@ -752,43 +752,24 @@ def model_card_kwargs(model_args, data_args, training_args, script: str, files=(
             "description": f"Trained with `training_scripts/{script}` of hf_lowrank on {data}."}
 
 
-def train_evaluate_report(trainer, model, lowrank_config, training_args, train_dataset, eval_dataset,
-                          auto_class: str, push: Optional[dict] = None, card_kwargs: Optional[dict] = None,
-                          add_eval_metrics=None) -> dict:
-    """The end of every script: train, move the final model into `output_dir`, evaluate, print the summary,
-    write the model card, push. Returns `{"metrics", "summary", "output_dir", "trainer"}`."""
-    results, train_seconds = {}, None
+def run_training(trainer, lowrank_config, training_args, num_train_samples: int):
+    """`trainer.train` with the schedule described first and the run timed: `(train_result, seconds)`. A checkpoint
+    that cannot be resumed (incomplete, another architecture) fails with one line before the first step."""
+    describe_schedule(lowrank_config, training_args, num_train_samples)
+    with Timer() as timer:
+        try:
+            train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        except CheckpointError as error:
+            fail(f"cannot resume from --resume_from_checkpoint {training_args.resume_from_checkpoint!r}: {error}")
+    return train_result, timer.seconds
+
+
+def publish_model(model, trainer, training_args, push: Optional[dict], card_kwargs: dict) -> None:
+    """Write the model card into `output_dir` and push the folder when `--push_to_hub` was given."""
     output_dir = training_args.output_dir
-    if training_args.do_train:
-        describe_schedule(lowrank_config, training_args, len(train_dataset))
-        with Timer() as timer:
-            try:
-                train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-            except CheckpointError as error:  # raised before the first step: incomplete, another architecture
-                fail(f"cannot resume from --resume_from_checkpoint {training_args.resume_from_checkpoint!r}: {error}")
-        train_seconds = timer.seconds
-        save_final_model(trainer, output_dir)  # the tokenizer / image processor too
-        metrics = dict(train_result.metrics)
-        metrics["train_samples"] = len(train_dataset)
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-        results.update(metrics)
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(eval_dataset)
-        if add_eval_metrics is not None:
-            add_eval_metrics(metrics)
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results.update(metrics)
-    summary = print_summary(model, lowrank_config, results, output_dir, training_args, auto_class,
-                            train_seconds=train_seconds, trainer=trainer, saved_model=training_args.do_train)
-    if training_args.do_train:
-        card_kwargs = {"model_name": os.path.basename(os.path.normpath(output_dir)), **(card_kwargs or {})}
-        repo_id = (push or {}).get("repo_id") or training_args.hub_model_id or output_dir
-        card = write_model_card(model, output_dir, trainer, repo_id=repo_id, **card_kwargs)
-        if card:
-            say(f"model card: {card}", training_args)
-        push_model(push, output_dir, training_args, **card_kwargs)
-    return {"metrics": results, "summary": summary, "output_dir": output_dir, "trainer": trainer}
+    card_kwargs = {"model_name": os.path.basename(os.path.normpath(output_dir)), **card_kwargs}
+    repo_id = (push or {}).get("repo_id") or training_args.hub_model_id or output_dir
+    card = write_model_card(model, output_dir, trainer, repo_id=repo_id, **card_kwargs)
+    if card:
+        say(f"model card: {card}", training_args)
+    push_model(push, output_dir, training_args, **card_kwargs)
