@@ -178,7 +178,7 @@ def plan(work: Path, quick: bool = False, bert_base: Optional[str] = None, vit_b
     common = COMMON + cache + (QUICK_TRAINING if quick else [])
     gpt2 = (GPT2_QUICK if quick else GPT2_MODEL + GPT2_TRAINING) + ["--use_stdlib_corpus"] + common
     oialr = ["--delay_steps", "0.5", "--update_every", "0.25", "--sigma_cutoff", "0.5"] if quick else \
-        ["--delay_steps", "0.65", "--update_every", "0.07", "--sigma_cutoff", "0.2"]  # the demo's schedule
+        []  # the demo's schedule: the library's defaults
     inrank = ["--init_rank", "2", "--buffer_rank", "8", "--rank_warmup_steps", "2", "--check_every", "2",
               "--freeze_step", "6"] if quick else \
         ["--explained_ratio", "0.99", "--buffer_rank", "32", "--rank_warmup_steps", "0.1", "--check_every", "0.05",
