@@ -21,6 +21,10 @@ subprocess (so peak memory is per row), one after the other:
   update_proj_gap=200,scale=0.25,proj_type=std` (defaults: rank n_embd/4, GaLore's own gap and scale).
 - `oialr`, `inrank`: `hf_lowrank` with the **library's defaults**; tuned settings are variants,
   `oialr:delay_steps=0.5,sigma_cutoff=0.3` (any `LowRankConfig` knob; values are JSON or plain strings).
+  Two levers are benchmark-only knobs of `oialr` rows, measured here before either becomes a library option:
+  `sigma_lr_scale=2` (Σ trains at that multiple of the scheduled LR after the conversion) and
+  `rewarm_steps=0.02` (after every rank change the LR ramps back linearly over that many steps, or that share
+  of the run); see `lever_callback`.
 
 Budgets: `--budget steps` (every row trains `--max_steps` optimizer steps), `--budget time` (every row
 trains for the dense row's wall-clock), `--budget both`. Schedules (LR, and knobs given as fractions of the
@@ -69,6 +73,8 @@ KINDS = ("dense", "dense-small", "fixed-rank", "galore", "oialr", "inrank")
 LOWRANK_KINDS = ("oialr", "inrank", "fixed-rank")     # rows trained with LowRankTrainer
 MATCHING_KINDS = ("dense-small", "fixed-rank")        # rows built from another row's result
 GALORE_KNOBS = ("rank", "update_proj_gap", "scale", "proj_type")
+# Benchmark-only levers of OIALR rows (measured here before any becomes a library knob): see LeverCallback.
+LEVER_KNOBS = ("sigma_lr_scale", "rewarm_steps")
 REGEX_CHARS = set("*+?[](){}|^$\\")
 # Arguments that do not change what a row measures: an equal-steps JSON written under other values is reusable.
 NOT_SETUP = ("budget", "rows", "work_dir", "job")
@@ -151,13 +157,78 @@ def parse_row(spec: str) -> Row:
     elif kind in ("oialr", "inrank"):
         if {"target_modules", "exclude_modules"} & set(knobs):
             raise SystemExit(f"{spec!r}: use --target_modules, so that every row's layer columns compare the same layers.")
+        levers = {k: v for k, v in knobs.items() if k in LEVER_KNOBS}
+        if levers and kind != "oialr":
+            raise SystemExit(f"{spec!r}: {', '.join(LEVER_KNOBS)} are OIALR levers.")
+        if not all(isinstance(v, (int, float)) and v > 0 for v in levers.values()):
+            raise SystemExit(f"{spec!r}: {', '.join(LEVER_KNOBS)} take a positive number.")
         from hf_lowrank import LowRankConfig
 
         try:
-            LowRankConfig(method=kind, **knobs)
+            LowRankConfig(method=kind, **lowrank_knobs(knobs))
         except (TypeError, ValueError) as error:
             raise SystemExit(f"{spec!r}: {error}") from None
     return Row(spec, kind, knobs)
+
+
+def lowrank_knobs(knobs: dict) -> dict:
+    """A row's `LowRankConfig` knobs: all but the benchmark-only levers."""
+    return {k: v for k, v in knobs.items() if k not in LEVER_KNOBS}
+
+
+def lever_callback(knobs: dict):
+    """The TrainerCallback that applies a row's levers (None without any)."""
+    from transformers import TrainerCallback
+
+    levers = {k: v for k, v in knobs.items() if k in LEVER_KNOBS}
+    if not levers:
+        return None
+
+    class LeverCallback(TrainerCallback):
+        """Two OIALR levers, applied around the Trainer's LR schedule (a LambdaLR, as every HF schedule):
+        - `sigma_lr_scale`: after the conversion, `Σ` trains at this multiple of the scheduled LR (its
+          parameters move into their own param groups, which the scheduler then also drives);
+        - `rewarm_steps`: after every rank change, the LR of all groups ramps linearly from 1/k back to the
+          schedule over the next k optimizer steps (a fraction < 1 means that share of the run)."""
+
+        def __init__(self):
+            self.trainer, self.sigma_groups, self.last_change, self.seen = None, set(), None, 0
+
+        def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            history = self.trainer.lowrank.history
+            if len(history) > self.seen and history[-1]["event"] != "start":
+                self.last_change = state.global_step
+            self.seen = len(history)
+            if "sigma_lr_scale" in levers:
+                self._separate_sigma(optimizer, lr_scheduler, levers["sigma_lr_scale"])
+            k = levers.get("rewarm_steps")
+            if k is not None and self.last_change is not None:
+                k = max(1, round(k * state.max_steps)) if k < 1 else int(k)
+                into = state.global_step + 1 - self.last_change  # the coming step's place in the ramp
+                if into <= k:
+                    for group in optimizer.param_groups:
+                        group["lr"] *= into / k
+
+        def _separate_sigma(self, optimizer, scheduler, scale):
+            from hf_lowrank import LowRankLinear
+
+            sigmas = {id(m.S) for m in self.trainer.model.modules()
+                      if isinstance(m, LowRankLinear) and m.S is not None and m.S.requires_grad}
+            for index, group in enumerate(list(optimizer.param_groups)):
+                if index in self.sigma_groups:
+                    continue
+                moving = [p for p in group["params"] if id(p) in sigmas]
+                if not moving:
+                    continue
+                group["params"] = [p for p in group["params"] if id(p) not in sigmas]
+                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
+                                           "params": moving, "lr": group["lr"] * scale})
+                scheduler.base_lrs.append(scheduler.base_lrs[index] * scale)
+                scheduler.lr_lambdas.append(scheduler.lr_lambdas[index])
+                scheduler._last_lr.append(group["lr"] * scale)
+                self.sigma_groups.add(len(optimizer.param_groups) - 1)
+
+    return LeverCallback()
 
 
 def resolve_match(name: str, rows: list[Row]) -> Row:
@@ -323,7 +394,8 @@ def run_row(args, job: dict) -> dict:
                       "optim_target_modules": "|".join(re.escape(name) for name in targets)}
         notes.append(f"{converted} Conv1D -> nn.Linear for GaLore (max |logit change| {drift:.1e}); {extra_args['optim_args']}")
     elif row.kind in ("oialr", "inrank"):
-        model = get_lowrank_model(model, LowRankConfig(method=row.kind, target_modules=args.target_modules, **row.knobs))
+        model = get_lowrank_model(model, LowRankConfig(method=row.kind, target_modules=args.target_modules,
+                                                       **lowrank_knobs(row.knobs)))
     elif row.kind == "fixed-rank":
         pattern = structure["rank_pattern"]
         norms = {name: model.get_submodule(name).weight.norm().item() for name in pattern}
@@ -342,6 +414,10 @@ def run_row(args, job: dict) -> dict:
         use_cpu=True, seed=args.seed, disable_tqdm=True, **extra_args)
     trainer_class = LowRankTrainer if row.kind in LOWRANK_KINDS else Trainer
     trainer = trainer_class(model=model, args=training_args, train_dataset=train, eval_dataset=valid)
+    levers = lever_callback(row.knobs)
+    if levers is not None:
+        levers.trainer = trainer
+        trainer.add_callback(levers)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

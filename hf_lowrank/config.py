@@ -97,7 +97,7 @@ class LowRankConfig:
                                           "(default: 5% of the run)."}
     )
     sigma_cutoff: float = field(
-        default=0.3, metadata={"method": "oialr", "help": "Keep singular values ≥ this fraction of the layer's largest "
+        default=0.33, metadata={"method": "oialr", "help": "Keep singular values ≥ this fraction of the layer's largest "
                                          "(the paper's code: 0.1–0.2)."}
     )
     max_cut_fraction: float = field(
@@ -128,13 +128,13 @@ class LowRankConfig:
     )
     init_rank: int = field(default=2, metadata={"method": "inrank", "help": "Starting rank r."})
     buffer_rank: Union[int, float] = field(
-        default=0.125,
+        default=0.1,
         metadata={"method": "inrank", "help": "Extra components b trained beside the rank until freeze_step: a count, or "
                   "a float in (0, 1) as a fraction of each layer's full rank (the paper's 100 is 0.13 of GPT-2 small's "
                   "768).", "unit": "rank"},
     )
     explained_ratio: float = field(
-        default=0.99,
+        default=0.995,
         metadata={"method": "inrank", "help": "τ, the fraction of the cumulative update's energy the rank must explain."},
     )
     rank_warmup_steps: Union[int, float] = field(
@@ -151,7 +151,7 @@ class LowRankConfig:
                   "through the run; None: never)."},
     )
     max_rank_fraction: float = field(
-        default=0.5, metadata={"method": "inrank", "help": "Rank + buffer never exceeds this fraction of full rank."}
+        default=0.4, metadata={"method": "inrank", "help": "Rank + buffer never exceeds this fraction of full rank."}
     )
 
     def __post_init__(self):

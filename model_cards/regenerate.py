@@ -181,19 +181,19 @@ def plan(work: Path, quick: bool = False, bert_base: Optional[str] = None, vit_b
         []  # the demo's schedule: the library's defaults
     inrank = ["--init_rank", "2", "--buffer_rank", "8", "--rank_warmup_steps", "2", "--check_every", "2",
               "--freeze_step", "6"] if quick else \
-        ["--explained_ratio", "0.99", "--buffer_rank", "32", "--rank_warmup_steps", "0.1", "--check_every", "0.05",
-         "--freeze_step", "0.5"]
+        []  # the library's defaults
     runs = [
         Run("gpt2-oialr", "run_clm.py", ["--lowrank_method", "oialr", *oialr, *gpt2,
                                          "--output_dir", str(work / "gpt2-oialr")],
             "The main job: a small GPT-2 pretrained from scratch on the docstrings of the Python standard library "
-            "with OIALR (dense for the first 65% of the optimizer steps, then a basis update every 7%)."),
+            "with OIALR and the library's default schedule (dense for the first 75% of the optimizer steps, then a "
+            "basis update every 5% cutting singular values below 0.33 of the largest)."),
         Run("gpt2-dense", "run_clm.py", ["--lowrank_method", "none", *gpt2, "--output_dir", str(work / "gpt2-dense")],
             "The dense twin of `gpt2-oialr`: the same model, data, schedule and seed, without low-rank training."),
         Run("gpt2-inrank", "run_clm.py", ["--lowrank_method", "inrank", *inrank, *gpt2,
                                           "--output_dir", str(work / "gpt2-inrank")],
-            "The model and data of `gpt2-oialr`, pretrained with InRank (efficient mode, τ = 0.99, buffer 32, rank "
-            "checked every 5% of the run, frozen at half of it)."),
+            "The model and data of `gpt2-oialr`, pretrained with InRank and the library's defaults (efficient mode, "
+            "τ = 0.995, buffer 10% of full rank, rank checked every 5% of the run, frozen at half of it)."),
     ]
 
     text = ["--text_column_names", "text", "--label_column_name", "label", "--max_seq_length", "32" if quick else

@@ -67,7 +67,7 @@ EXTENSIONS = ("txt", "csv", "json", "jsonl")
 # `python run_clm.py` with no arguments (or `--demo ...`): pretrain a small GPT-2 with OIALR on the stdlib
 # docstrings, offline, in a few minutes on 2 CPU cores, with the library's default schedule (fractions of the
 # run: dense for the first 75% of the optimizer steps, then a basis update every 5% cutting singular values below
-# 0.3 of the largest). Compare with the same run dense: `--demo --lowrank_method none`.
+# 0.33 of the largest). Compare with the same run dense: `--demo --lowrank_method none`.
 DEMO_ARGS = [
     "--model_type", "gpt2",
     "--config_overrides", "n_embd=192,n_layer=4,n_head=4,n_positions=128,resid_pdrop=0.0,embd_pdrop=0.0,attn_pdrop=0.0",
