@@ -9,7 +9,7 @@ Each run is an ordinary command line of `training_scripts/` (printed, and logged
 
 - `gpt2-oialr`  the main job: `run_clm.py`'s demo (GPT-2, 4 layers, width 192, stdlib docstrings, OIALR).
 - `gpt2-dense`  its dense twin: the same run with `--lowrank_method none`.
-- `gpt2-inrank` the same model and data with InRank (the better of the README's measured InRank settings).
+- `gpt2-inrank` the same model and data with InRank (the library's defaults).
 - `bert-svd-finetune` a BERT fine-tune compressed by one-shot SVD, `vit-oialr-finetune` a ViT fine-tune with OIALR.
   No pretrained BERT or ViT can be downloaded here, so each starts from a small dense model that this script trains
   first on a related task of the same data (BERT: the topic of a standard-library docstring among other packages;
