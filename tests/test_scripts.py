@@ -380,3 +380,17 @@ def test_error_is_one_line_from_the_command_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: --train_file") and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", ["run_clm.py", "run_classification.py", "run_image_classification.py"])
+def test_help_lists_every_lowrank_knob_with_its_default(script):
+    """`--help` must work (argparse %-formats help texts: "5% of the run" once crashed it) and show each knob."""
+    result = subprocess.run([sys.executable, str(SCRIPTS / script), "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert "(default: 5% of the run)" in text
+    for f in dataclasses.fields(LowRankConfig):
+        if f.init and f.name != "method":
+            assert f"--{f.name}" in text, f.name
+    assert f"(default: {LowRankConfig().sigma_cutoff})" in text

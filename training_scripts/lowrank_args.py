@@ -120,7 +120,7 @@ def _build_lowrank_arguments():
         name = METHOD_ARG if f.name == "method" else f.name
         if name in training_fields:
             raise TypeError(f"LowRankConfig field {f.name!r} clashes with TrainingArguments.{name}: rename it.")
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help ("5% of the run")
         if f.name == "method":
             metadata = {"help": help_text.rstrip(".") + ", or 'none' (plain dense training with Trainer).",
                         "choices": list(METHOD_CHOICES)}
