@@ -42,7 +42,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_lowrank import LowRankConfig, get_lowrank_model, lowrank_summary
-from hf_lowrank.layers import is_conv1d, linear_shape
+from hf_lowrank.layers import linear_shape
+from hf_lowrank.targets import find_targets, replace_module
 
 TARGETS = ("c_attn", "c_proj", "c_fc")  # every attention and MLP layer of GPT-2; the head stays dense
 PRESETS = {
@@ -89,10 +90,9 @@ class FreeStandIn(nn.Module):
 
 
 def replace_targets(model, make):
-    for name, module in list(model.named_modules()):
-        if name.rsplit(".", 1)[-1] in TARGETS and (is_conv1d(module) or isinstance(module, nn.Linear)):
-            parent = model.get_submodule(name.rsplit(".", 1)[0])
-            setattr(parent, name.rsplit(".", 1)[-1], make(module))
+    """Each target layer (the rows' `target_modules`, as the library selects them) replaced by `make(layer)`."""
+    for name in find_targets(model, LowRankConfig(target_modules=list(TARGETS))):
+        replace_module(model, name, make(model.get_submodule(name)))
     return model
 
 

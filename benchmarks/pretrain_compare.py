@@ -297,15 +297,12 @@ def target_layers(model, target_modules) -> dict:
     return {name: (layer.dense_params, layer.max_rank) for name, layer in lowrank_summary(probe).layers.items()}
 
 
-def set_module(model, name: str, module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def conv1d_to_linear(model) -> int:
     """Replace every GPT-2 `Conv1D` (weight in×out) by the same `nn.Linear` (weight out×in); returns how many."""
     from torch import nn
     from transformers.pytorch_utils import Conv1D
+
+    from hf_lowrank.targets import replace_module
 
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, Conv1D)]
     for name, conv in convs:
@@ -313,7 +310,7 @@ def conv1d_to_linear(model) -> int:
         linear.weight.data.copy_(conv.weight.data.t())
         if conv.bias is not None:
             linear.bias.data.copy_(conv.bias.data)
-        set_module(model, name, linear)
+        replace_module(model, name, linear)
     return len(convs)
 
 
